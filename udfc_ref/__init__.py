@@ -1,0 +1,30 @@
+"""udfc-ref: a NumPy reference implementation of Unified Data-Free Compression.
+
+Core API::
+
+    import udfc_ref
+    model = udfc_ref.load("model.safetensors")
+    small, report = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
+    udfc_ref.save(small, "model.udfc.safetensors")
+
+Only NumPy and SciPy are imported here (safetensors for files); PyTorch and
+Keras live in the optional ``converters`` package.
+"""
+
+from .errors import ConversionError, FormatError, GraphError, NumericError, OptionError, UDFCError
+from .graph import Model, Node
+from .io import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model", "Node", "load", "save", "compress", "UDFCError", "FormatError", "GraphError",
+    "NumericError", "OptionError", "ConversionError", "__version__",
+]
+
+
+def compress(model, **kwargs):
+    """See :func:`udfc_ref.compress.compress`."""
+    from .compress import compress as _compress
+
+    return _compress(model, **kwargs)

@@ -1,0 +1,202 @@
+"""Uniform weight quantization (``docs/derivation.md``, Eq. Q1-Q3).
+
+Convention (written down because libraries disagree):
+
+* ``x_hat = scale * (q - zero_point)`` and
+  ``q = clip(rint(x / scale) + zero_point, qmin, qmax)``; ``rint`` rounds half
+  to even.
+* symmetric: narrow signed range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``,
+  ``zero_point = 0``, ``scale = clip_max|x| / (2^(b-1) - 1)``;
+* asymmetric: unsigned range ``[0, 2^b - 1]``, the range ``[min(x, 0),
+  max(x, 0)]`` is mapped onto it and ``zero_point`` is an integer in range, so
+  0.0 is represented exactly in both schemes.
+* per-channel means one scale per output channel (axis 0 of OIHW / (out, in));
+  per-tensor one scale in all.
+* an all-zero (or, asymmetric, constant-zero-range) channel gets scale 1 and
+  codes 0: no division by zero.
+
+The scale is rounded to the storage dtype (float32) *before* the codes are
+computed, and :func:`dequantize` is the only place codes become floats, so the
+tensor a reader reconstructs from the file is bit-identical to the one the
+NumPy forward used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OptionError
+
+VALID_BITS = tuple(range(2, 9)) + (16,)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range (Eq. Q1)."""
+    if symmetric:
+        m = 2 ** (bits - 1) - 1
+        return -m, m
+    return 0, 2**bits - 1
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes plus the affine map back to floats.
+
+    codes : int array, same shape as the weight; scale : float array of shape
+    (O,) per-channel or (1,) per-tensor (broadcast along ``axis`` 0);
+    zero_point : int array like scale, or None when symmetric.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    bits: int
+    symmetric: bool
+    per_channel: bool
+    dtype: str = "float32"
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.codes, self.scale, self.zero_point, np.dtype(self.dtype))
+
+    def storage_bytes(self) -> int:
+        n = int(np.ceil(self.codes.size * self.bits / 8))
+        n += self.scale.nbytes
+        if self.zero_point is not None:
+            n += int(np.ceil(self.zero_point.size * self.bits / 8))
+        return n
+
+    def take(self, index: np.ndarray, axis: int) -> "QuantizedTensor":
+        """Keep ``index`` along ``axis`` (channel pruning of a quantized tensor)."""
+        codes = np.take(self.codes, index, axis=axis)
+        scale, zp = self.scale, self.zero_point
+        if axis == 0 and self.per_channel:
+            scale = scale[index]
+            zp = None if zp is None else zp[index]
+        return QuantizedTensor(codes, scale, zp, self.bits, self.symmetric, self.per_channel, self.dtype)
+
+
+def _bshape(ndim: int, per_channel: bool):
+    return (-1,) + (1,) * (ndim - 1) if per_channel else (1,) * ndim
+
+
+def dequantize(codes, scale, zero_point, dtype=np.float32) -> np.ndarray:
+    """x_hat = scale * (q - zero_point) (Eq. Q1), evaluated in float64 and
+    rounded once to ``dtype``."""
+    shp = _bshape(codes.ndim, scale.size > 1)
+    q = codes.astype(np.float64)
+    if zero_point is not None:
+        q = q - zero_point.astype(np.float64).reshape(shp)
+    return (q * scale.astype(np.float64).reshape(shp)).astype(dtype)
+
+
+def _codes(x64, scale, zp, qmin, qmax, shp):
+    q = np.rint(x64 / scale.reshape(shp))
+    if zp is not None:
+        q = q + zp.reshape(shp)
+    return np.clip(q, qmin, qmax)
+
+
+def _scale_zp(lo, hi, bits, symmetric, dtype):
+    """Scale (rounded to ``dtype``) and zero point for the clip range [lo, hi]."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(dtype).astype(np.float64)
+        scale = np.where(scale > 0, scale, 1.0)  # underflow to 0 in float32
+        return scale, None
+    lo = np.minimum(lo, 0.0)
+    hi = np.maximum(hi, 0.0)
+    rng = hi - lo
+    scale = np.where(rng > 0, rng / (qmax - qmin), 1.0).astype(dtype).astype(np.float64)
+    scale = np.where(scale > 0, scale, 1.0)
+    zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def quantize(w: np.ndarray, bits: int, symmetric: bool = True, per_channel: bool = True,
+             mse_clip: bool = False, n_grid: int = 64) -> QuantizedTensor:
+    """Uniform quantization of a weight tensor (Eq. Q1-Q2).
+
+    Parameters
+    ----------
+    w : (O, ...) float array
+    bits : one of 2..8 or 16
+    symmetric : narrow signed range, zero point 0 (else unsigned + zero point)
+    per_channel : one scale per output channel (axis 0) instead of one in all
+    mse_clip : search the clip ratio r in (0, 1] of the range that minimises
+        the squared quantization error ||w - Q_r(w)||^2 (Eq. Q3), per channel;
+        ``n_grid`` candidate ratios, evaluated vectorised over channels.
+    """
+    if bits not in VALID_BITS:
+        raise OptionError(f"weight bits must be one of 2..8 or 16, got {bits!r}")
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        raise OptionError(f"can only quantize float tensors, got {w.dtype}")
+    dtype = w.dtype
+    x = w.astype(np.float64)
+    shp = _bshape(x.ndim, per_channel)
+    flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    qmin, qmax = qrange(bits, symmetric)
+    scale, zp = _scale_zp(lo, hi, bits, symmetric, dtype)
+    if mse_clip:
+        best_err = np.full(flat.shape[0], np.inf)
+        best_scale, best_zp = scale, zp
+        for r in np.linspace(1.0, 1.0 / n_grid, n_grid):
+            s, z = _scale_zp(lo * r, hi * r, bits, symmetric, dtype)
+            zr = None if z is None else z[:, None]
+            q = np.clip(np.rint(flat / s[:, None]) + (0 if zr is None else zr), qmin, qmax)
+            err = (((q - (0 if zr is None else zr)) * s[:, None] - flat) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, s, best_scale)
+            if z is not None:
+                best_zp = np.where(better, z, best_zp)
+        scale, zp = best_scale, best_zp
+    codes = _codes(x, scale, zp, qmin, qmax, shp)
+    cdtype = np.int8 if bits <= 8 else np.int16
+    if not symmetric and bits == 8:
+        cdtype = np.uint8
+    if not symmetric and bits == 16:
+        cdtype = np.uint16
+    return QuantizedTensor(
+        codes=codes.astype(cdtype),
+        scale=scale.astype(dtype),
+        zero_point=None if zp is None else zp.astype(cdtype),
+        bits=int(bits),
+        symmetric=bool(symmetric),
+        per_channel=bool(per_channel),
+        dtype=str(dtype),
+    )
+
+
+def fake_quantize(w, bits, **kw) -> np.ndarray:
+    """Q(w): quantize then dequantize, in ``w``'s dtype."""
+    return quantize(w, bits, **kw).dequantize()
+
+
+# ----------------------------------------------------------------- packing
+
+def pack_codes(codes: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """Pack integer codes of width ``bits`` < 8 into a flat uint8 array,
+    most significant bit first, after offsetting to unsigned (q - qmin)."""
+    qmin, _ = qrange(bits, symmetric)
+    u = (codes.astype(np.int16) - qmin).astype(np.uint8).reshape(-1)
+    b = np.unpackbits(u[:, None], axis=1)[:, 8 - bits:]
+    return np.packbits(b.reshape(-1))
+
+
+def unpack_codes(packed: np.ndarray, bits: int, symmetric: bool, shape) -> np.ndarray:
+    """Inverse of :func:`pack_codes`; returns int8 codes of ``shape``."""
+    n = int(np.prod(shape))
+    need = int(np.ceil(n * bits / 8))
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != need:
+        raise ValueError(f"packed codes must be {need} uint8 bytes, got {packed.size} {packed.dtype}")
+    b = np.unpackbits(packed)[: n * bits].reshape(n, bits)
+    full = np.zeros((n, 8), dtype=np.uint8)
+    full[:, 8 - bits:] = b
+    u = np.packbits(full, axis=1).reshape(-1).astype(np.int16)
+    qmin, _ = qrange(bits, symmetric)
+    return (u + qmin).astype(np.int8 if symmetric else np.uint8).reshape(shape)
