@@ -1,0 +1,231 @@
+"""``compress``: prune and quantize a model, compensating in closed form.
+
+Pipeline (derivation section 5): discover pairs (``pairs.py``), build the
+data model from weights and BN statistics (``datamodel.py``), choose the
+kept channels of every pair (``select.py``), then walk the layers in
+topological order; each layer's weights are final when it is reached (its
+input columns were rewritten by the pair before it), so it is quantized
+(``quantize.py``), its pair's T and t are solved (``solve.py``) and absorbed
+by the consumers (``rewrite.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from .checks import check_numbers
+from .datamodel import DataModel, bn_affine, dense_filters
+from .errors import OptionError
+from .graph import Model
+from .pairs import find_pairs
+from .quantize import VALID_BITS, quantize
+from .report import LayerReport, Report
+from .rewrite import absorb, keep_outputs, shift_output
+from .select import channel_scores, select_kept
+from .solve import drop, neuron_merging, objective, pair_stats, udfc
+
+METHODS = ("none", "nm", "udfc")
+CRITERIA = ("l1", "l2", "l1-bn", "l2-bn")
+
+
+def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep):
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not math.isfinite(prune_ratio) \
+            or not 0.0 <= prune_ratio < 1.0:
+        raise OptionError(f"prune ratio must be a number in [0, 1), got {prune_ratio!r}")
+    if weight_bits is not None and (isinstance(weight_bits, bool) or weight_bits not in VALID_BITS):
+        raise OptionError(f"weight bits must be one of 2..8 or 16 (or None for float weights), got {weight_bits!r}")
+    if method not in METHODS:
+        raise OptionError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if criterion not in CRITERIA:
+        raise OptionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    for name, a in (("alpha1", alpha1), ("alpha2", alpha2)):
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
+            raise OptionError(f"{name} must be a finite number >= 0, got {a!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise OptionError(f"min_keep must be an int >= 1, got {min_keep!r}")
+    layers = {n.name for n in model.nodes if n.op in ("conv2d", "linear")}
+    for s in skip:
+        if s not in layers:
+            known = ", ".join(sorted(layers)[:8])
+            raise OptionError(f"--skip layer {s!r} is not a conv/linear layer of this model (layers: {known}"
+                              + (" ..." if len(layers) > 8 else "") + ")")
+
+
+def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
+             criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
+             alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
+             min_keep: int = 1, progress: bool = False) -> tuple[Model, Report]:
+    """Prune ``prune_ratio`` of the output channels of every compressible
+    layer, quantize weights to ``weight_bits``, and compensate with ``method``.
+
+    Parameters
+    ----------
+    model : the model (not modified).
+    prune_ratio : fraction in [0, 1) of each pair producer's output channels
+        removed (``round(ratio * N)``, at least ``min_keep`` kept).
+    weight_bits : 2..8 or 16, or None for no quantization.
+    method : ``"none"`` (drop / round), ``"nm"`` (Neuron Merging) or ``"udfc"``.
+    criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma.
+    per_tensor, asymmetric, mse_clip : quantizer options (``quantize.py``).
+    alpha1, alpha2 : UDFC regularisation weights (Eq. U2-U3).
+    bias_correction : remove each quantized layer's expected output shift (Eq. B1).
+    skip : names of conv/linear layers left untouched (not pruned, not quantized).
+
+    Returns
+    -------
+    (compressed model, Report)
+    """
+    skip = list(skip or ())
+    _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
+    check_numbers(model)
+    t0 = time.perf_counter()
+    stages = {}
+
+    def tick(name, t):
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+        return time.perf_counter()
+
+    orig = model
+    out = model.copy()
+    pairs, unpruned = find_pairs(orig)
+    pairs = [p for p in pairs if p.name not in skip]
+    if prune_ratio == 0 and weight_bits is None:
+        pairs = []  # nothing to do: the model is returned unchanged
+    for s in skip:
+        unpruned[s] = "skipped by request"
+    t = time.perf_counter()
+    dm = DataModel(orig) if pairs or (weight_bits is not None and bias_correction) else None
+    t = tick("data model", t)
+
+    qkw = dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip)
+    pair_of = {p.producer.name: p for p in pairs}
+    in_kept: dict[str, np.ndarray] = {}
+    reports: list[LayerReport] = []
+    record_layers = {}
+    quantized = {}
+    layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
+    for step, onode in enumerate(layer_nodes):
+        if progress:
+            print(f"\r[{step + 1}/{len(layer_nodes)}] {onode.name}".ljust(60), end="", file=sys.stderr, flush=True)
+        node = out.node(onode.name)
+        wkey = node.params["weight"]
+        dtype = orig.tensors[onode.params["weight"]].dtype
+        pair = pair_of.get(onode.name)
+        n_out = orig.tensors[onode.params["weight"]].shape[0]
+        bits = None if onode.name in skip else weight_bits
+        if pair is None:
+            # not prunable: quantize only (+ bias correction)
+            if bits is not None:
+                eps = _quantize_layer(out, node, bits, qkw, quantized)
+                if bias_correction:
+                    _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
+            reports.append(LayerReport(onode.name, onode.op, n_out, n_out, bits, False,
+                                       note=unpruned.get(onode.name, "")))
+            t = tick("quantize", t)
+            continue
+
+        # ---- a pair: select, prune rows, quantize, solve, absorb
+        gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
+        W0 = orig.tensors[onode.params["weight"]]
+        crit = criterion.split("-")[0]
+        scores = channel_scores(W0, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(W0, crit)
+        kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
+        t = tick("select", t)
+        bn_node = out.node(pair.bn.name)
+        keep_outputs(out, node, bn_node, kept)
+        eps_w = None
+        if bits is not None:
+            eps_w = _quantize_layer(out, node, bits, qkw, quantized)
+        t = tick("quantize", t)
+        Wd = dense_filters(orig, onode)  # (N, C, R) original coordinates
+        Wq = Wd[kept].copy()
+        extra = None
+        if eps_w is not None:
+            E = eps_w.reshape(kept.size, -1, Wd.shape[2])
+            ik = in_kept.get(onode.name)
+            if ik is None:
+                Wq += E
+            else:
+                Wq[:, ik, :] += E
+            if bias_correction:
+                extra = -_bias_correct(out, node, eps_w, dm, onode, ik)
+        im = dm.inputs[onode.name]
+        st = pair_stats(Wd, Wq, im, gamma, beta, pair.act, kept, extra_shift=extra)
+        T0, t0_ = drop(st, n_out)
+        if method == "udfc":
+            T, tt = udfc(st, n_out, alpha1, alpha2)
+        elif method == "nm":
+            T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
+        else:
+            T, tt = T0, t0_
+        t = tick("solve", t)
+        weights = np.zeros(n_out)
+        for c in pair.consumers:
+            wc = orig.tensors[c.node.params["weight"]]
+            cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
+            weights += (cw**2).sum(axis=(0, 2))
+            absorb(out, out.node(c.node.name), T, tt, orig.tensors[c.node.params["weight"]].dtype)
+            in_kept[c.node.name] = kept
+        denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
+        err0 = float(weights @ objective(st, T0, t0_)) / denom
+        err1 = float(weights @ objective(st, T, tt)) / denom
+        record_layers[onode.name] = {"channels_before": int(n_out), "channels_after": int(kept.size),
+                                     "kept": [int(i) for i in kept]}
+        reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
+        t = tick("rewrite", t)
+    if progress:
+        print(file=sys.stderr)
+
+    out.record = {
+        "method": method, "prune_ratio": prune_ratio, "weight_bits": weight_bits, "criterion": criterion,
+        "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,
+        "alpha2": alpha2, "bias_correction": bias_correction, "skip": skip, "min_keep": min_keep,
+        "layers": record_layers, "quantized": quantized,
+        "unpruned": {k: v for k, v in unpruned.items()},
+    }
+    out.validate()
+    t = tick("validate", t)
+    rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
+                                                   "asymmetric", "mse_clip", "alpha1", "alpha2",
+                                                   "bias_correction", "skip")}, reports)
+    rep.params_before, rep.params_after = orig.param_count(), out.param_count()
+    rep.bytes_before, rep.bytes_after = orig.weight_bytes(), out.weight_bytes()
+    rep.flops_before, rep.flops_after = orig.flops(), out.flops()
+    rep.seconds = time.perf_counter() - t0
+    rep.stage_seconds = stages
+    return out, rep
+
+
+def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
+    """Quantize the layer's (current) weight in place; return Q(W) - W in float64."""
+    key = node.params["weight"]
+    w = model.tensors[key]
+    q = quantize(w, bits, **qkw)
+    deq = q.dequantize()
+    model.tensors[key] = deq
+    model.quant[key] = q
+    quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
+    return deq.astype(np.float64) - w.astype(np.float64)
+
+
+def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> np.ndarray:
+    """Eq. B1 (DFQ bias correction): the quantized layer's output has the
+    extra mean eps . E[x]; remove it.  Returns the removed shift (O,)."""
+    im = dm.inputs.get(onode.name) if dm is not None else None
+    if im is None:
+        return np.zeros(eps_w.shape[0])
+    m = im.mean_c if in_kept is None else im.mean_c[in_kept]
+    if node.op == "conv2d" and node.attrs["groups"] != 1:
+        g = node.attrs["groups"]
+        o, cg = eps_w.shape[:2]
+        grp = np.arange(o) // (o // g)
+        mm = m.reshape(g, cg)[grp]  # (O, Cg)
+        shift = np.einsum("ocr,oc->o", eps_w.reshape(o, cg, -1), mm)
+    else:
+        shift = np.einsum("ocr,c->o", eps_w.reshape(eps_w.shape[0], m.shape[0], -1), m)
+    shift_output(model, node, -shift, model.tensors[node.params["weight"]].dtype)
+    return shift

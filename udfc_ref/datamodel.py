@@ -1,0 +1,226 @@
+"""The data-free data model: Gaussian statistics of every value, from weights
+and BatchNorm statistics only (derivation section 2, Eq. D1-D5).
+
+Assumptions (stated in ``docs/derivation.md``):
+
+* A1  a BN output ``z_i = gamma_i u_i + beta_i`` has standard normal ``u_i``;
+* A2  the input patch ``x`` of a layer (the C input channels at the K kernel
+      positions) has covariance ``Sigma_x = C_in (x) R_s(rho_s)``: the channel
+      covariance ``C_in`` of the input value times a spatial correlation
+      ``R_s[p, q] = rho_s ** manhattan(p, q)`` between kernel positions;
+* A3  ``rho_s`` is the value in [0, 0.99] whose predicted output variances
+      ``diag(W Sigma_x W^T)`` best match the BN running variances up to one
+      common scale (least squares in log space) -- the BN statistics calibrate
+      the input model;
+* A4  channel statistics propagate: activations by the Hermite expansion
+      (``moments.py``), pooling and identity unchanged, residual ``add`` as a
+      sum of independent branches, ``concat`` block-diagonal; the network
+      input is standardised and white (mean 0, covariance I).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import Model, Node
+from .moments import ACTIVATIONS, activation_covariance, activation_mean_var, hermite_coefficients
+
+RHO_GRID = np.concatenate([np.linspace(0.0, 0.95, 20), [0.98, 0.99]])
+
+
+@dataclass
+class ValueStats:
+    """Per-channel mean (C,) and channel covariance (C, C) of a value."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+
+def dense_filters(model: Model, node: Node) -> np.ndarray:
+    """Layer weights as (O, C_in, K) in float64 (Eq. D1 layout): a grouped
+    conv expanded with zeros to all input channels; a linear layer after a
+    flatten of (C, H, W) split into C channels of H*W columns (C-order)."""
+    w = model.tensors[node.params["weight"]].astype(np.float64)
+    if node.op == "linear":
+        src = _flatten_source_shape(model, node)
+        c = src[0] if src is not None else w.shape[1]
+        return w.reshape(w.shape[0], c, -1)
+    o, cg, kh, kw = w.shape
+    g = node.attrs["groups"]
+    if g == 1:
+        return w.reshape(o, cg, kh * kw)
+    dense = np.zeros((o, cg * g, kh * kw))
+    og = o // g
+    grp = np.arange(o) // og
+    cols = grp[:, None] * cg + np.arange(cg)[None, :]
+    dense[np.arange(o)[:, None], cols, :] = w.reshape(o, cg, kh * kw)
+    return dense
+
+
+def spatial_positions(node: Node, model: Model) -> np.ndarray:
+    """(K, 2) grid coordinates of a producer's input positions (Eq. D2)."""
+    if node.op == "conv2d":
+        w = model.tensors[node.params["weight"]]
+        kh, kw = w.shape[2:]
+        dh, dw = node.attrs["dilation"]
+        yy, xx = np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
+    else:
+        # linear: the flattened (C, H, W) map, or a single position
+        src = _flatten_source_shape(model, node)
+        h, w_ = (src[1], src[2]) if src is not None and len(src) == 3 else (1, 1)
+        yy, xx = np.meshgrid(np.arange(h), np.arange(w_), indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def _flatten_source_shape(model: Model, node: Node):
+    p = model.producer(node.inputs[0])
+    if p is not None and p.op == "flatten":
+        return model.shapes[p.inputs[0]]
+    return None
+
+
+def spatial_correlation(pos: np.ndarray, rho: float) -> np.ndarray:
+    """R_s[p, q] = rho ** (|dy| + |dx|) (Eq. D2)."""
+    d = np.abs(pos[:, None, :] - pos[None, :, :]).sum(-1)
+    return np.power(rho, d) if rho > 0 else (d == 0).astype(np.float64)
+
+
+@dataclass
+class InputModel:
+    """Covariance model of one layer's input patch (A2) and its calibration (A3).
+
+    ``gram(F1, F2) = F1 Sigma_x F2^T`` for filters F of shape (n, C, K);
+    ``mean_dot(F) = F . E[x]``."""
+
+    mean_c: np.ndarray  # (C,)
+    cov_c: np.ndarray  # (C, C)
+    rho_s: float
+    pos: np.ndarray  # (K, 2)
+
+    def r_s(self) -> np.ndarray:
+        return spatial_correlation(self.pos, self.rho_s)
+
+    def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
+        a = np.einsum("nck,cd->ndk", f1, self.cov_c, optimize=True) @ self.r_s()
+        return a.reshape(a.shape[0], -1) @ f2.reshape(f2.shape[0], -1).T
+
+    def gram_diag(self, f: np.ndarray) -> np.ndarray:
+        a = np.einsum("nck,cd->ndk", f, self.cov_c, optimize=True) @ self.r_s()
+        return np.einsum("ndk,ndk->n", a, f)
+
+    def mean_dot(self, f: np.ndarray) -> np.ndarray:
+        return np.einsum("nck,c->n", f, self.mean_c)
+
+
+def fit_rho_s(f: np.ndarray, cov_c: np.ndarray, pos: np.ndarray, bn_var: np.ndarray) -> float:
+    """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii)."""
+    if pos.shape[0] == 1:
+        return 0.0
+    a = np.einsum("nck,cd->ndk", f, cov_c, optimize=True)
+    live = bn_var > 0
+    best, best_err = 0.0, np.inf
+    for rho in RHO_GRID:
+        q = np.einsum("ndk,ndk->n", a @ spatial_correlation(pos, rho), f)
+        ok = live & (q > 0)
+        if ok.sum() < 2:
+            continue
+        r = np.log(bn_var[ok]) - np.log(q[ok])
+        err = float(np.var(r))
+        if err < best_err - 1e-12:
+            best, best_err = float(rho), err
+    return best
+
+
+def bn_affine(model: Model, bn: Node):
+    """(gamma, beta, mean, sigma) of a BN node in float64, sigma = sqrt(var + eps)."""
+    g = model.param(bn, "weight").astype(np.float64)
+    b = model.param(bn, "bias").astype(np.float64)
+    m = model.param(bn, "running_mean").astype(np.float64)
+    s = np.sqrt(model.param(bn, "running_var").astype(np.float64) + bn.attrs["eps"])
+    return g, b, m, s
+
+
+def _corr(cov: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.clip(np.diag(cov), 0, None))
+    safe = np.where(d > 0, d, 1.0)
+    r = cov / safe[:, None] / safe[None, :]
+    np.fill_diagonal(r, 1.0)
+    return np.clip(r, -1.0, 1.0)
+
+
+def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str) -> ValueStats:
+    """Stats of f(z) for Gaussian z with the given mean/cov (Eq. M1-M3)."""
+    if act == "identity":
+        return ValueStats(mean.copy(), cov.copy())
+    std = np.sqrt(np.clip(np.diag(cov), 0, None))
+    m, v = activation_mean_var(mean, std, act)
+    c = hermite_coefficients(mean, std, act)
+    return ValueStats(m, activation_covariance(_corr(cov), c, c, v, v, same=True))
+
+
+class DataModel:
+    """Statistics of every value of ``model`` under assumptions A1-A4.
+
+    ``inputs[node]`` is the :class:`InputModel` of each conv/linear layer and
+    ``values[name]`` the :class:`ValueStats` of each value (None when
+    unknown, e.g. after a flatten)."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.values: dict[str, ValueStats | None] = {}
+        self.inputs: dict[str, InputModel] = {}
+        c = model.input_shape[0]
+        self.values[model.input_name] = ValueStats(np.zeros(c), np.eye(c))
+        for n in model.nodes:
+            self.values[n.output] = self._propagate(n)
+
+    def _propagate(self, n: Node) -> ValueStats | None:
+        m = self.model
+        ins = [self.values.get(i) for i in n.inputs]
+        if n.op in ("conv2d", "linear"):
+            src = ins[0]
+            if src is None and n.op == "linear":
+                p = m.producer(n.inputs[0])
+                if p is not None and p.op == "flatten":
+                    src = self.values.get(p.inputs[0])
+            f = dense_filters(m, n)
+            if src is None:
+                src = ValueStats(np.zeros(f.shape[1]), np.eye(f.shape[1]))
+            if f.shape[1] != src.mean.shape[0]:
+                return None
+            pos = spatial_positions(n, m)
+            nxt = m.consumers(n.output)
+            rho = 0.5
+            if len(nxt) == 1 and nxt[0].op == "batch_norm":
+                var = m.param(nxt[0], "running_var").astype(np.float64) + nxt[0].attrs["eps"]
+                rho = fit_rho_s(f, src.cov, pos, var)
+            im = InputModel(src.mean, src.cov, rho, pos)
+            self.inputs[n.name] = im
+            g = im.gram(f, f)
+            mean = im.mean_dot(f)
+            b = m.param(n, "bias")
+            if b is not None:
+                mean = mean + b
+            return ValueStats(mean, g)
+        if n.op == "batch_norm":
+            src = ins[0]
+            gamma, beta, _, _ = bn_affine(m, n)
+            corr = _corr(src.cov) if src is not None and src.cov.shape[0] == gamma.shape[0] else np.eye(gamma.shape[0])
+            return ValueStats(beta, corr * np.outer(gamma, gamma))
+        if n.op in ACTIVATIONS and n.op != "identity":
+            return None if ins[0] is None else activation_stats(ins[0].mean, ins[0].cov, n.op)
+        if n.op in ("identity", "max_pool2d", "avg_pool2d", "global_avg_pool"):
+            return ins[0]
+        if n.op == "add":
+            if any(s is None for s in ins):
+                return None
+            return ValueStats(sum(s.mean for s in ins), sum(s.cov for s in ins))
+        if n.op == "concat":
+            if any(s is None for s in ins):
+                return None
+            from scipy.linalg import block_diag
+
+            return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]))
+        return None  # flatten and anything else: unknown

@@ -1,0 +1,135 @@
+"""Moments of an activation of a Gaussian pre-activation (derivation Eq. M1-M3).
+
+Data model (assumption A1 of ``docs/derivation.md``): the BN output of channel
+i, ``z_i = gamma_i * u_i + beta_i``, has a standard normal ``u_i``; so
+``z_i ~ N(beta_i, gamma_i^2)``.  For an activation ``f`` (ReLU, ReLU6,
+identity) we need E[f(z_i)], Var f(z_i) and, for a pair of channels whose
+``u`` have correlation ``rho``, Cov(f(z_i), f(z_k)).
+
+The covariance uses Mehler's expansion in Hermite polynomials (Eq. M3)::
+
+    Cov(f(z_i), g(z_k)) = sum_{n>=1} rho^n c_n(f_i) c_n(g_k),
+    c_n(f_i) = E[f(beta_i + gamma_i u) He_n(u)] / sqrt(n!)
+
+exact for jointly Gaussian ``u``; the coefficients are closed forms (Stein's
+lemma, see :func:`hermite_coefficients`), vectorised over channels.  Truncated at ``N_HERMITE`` terms, the
+remainder is put on the diagonal so that Var is exact (Eq. M3').
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import ndtr
+
+N_HERMITE = 12
+
+#: activation name -> (lo, hi) clip range; identity is (-inf, inf)
+ACTIVATIONS = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "identity": (-np.inf, np.inf)}
+
+
+def _phi(t):
+    return np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+
+
+def clipped_gaussian_moments(mean, std, lo=0.0, hi=np.inf):
+    """E[f(z)] and E[f(z)^2] for z ~ N(mean, std^2), f = clip(., lo, hi) (Eq. M1-M2).
+
+    Closed form with the normal pdf/cdf; ``std == 0`` gives the moments of
+    the constant ``clip(mean)``.  Arrays broadcast; float64 out.
+    """
+    m = np.asarray(mean, dtype=np.float64)
+    s = np.abs(np.asarray(std, dtype=np.float64))
+    m, s = np.broadcast_arrays(m, s)
+    safe = np.where(s > 0, s, 1.0)
+    a = (lo - m) / safe
+    b = (hi - m) / safe
+    Pa, Pb = ndtr(a), ndtr(b)
+    pa = np.where(np.isfinite(a), _phi(np.where(np.isfinite(a), a, 0.0)), 0.0)
+    pb = np.where(np.isfinite(b), _phi(np.where(np.isfinite(b), b, 0.0)), 0.0)
+    # E[z 1{lo<z<hi}], E[z^2 1{lo<z<hi}] for z = m + s u
+    mass = Pb - Pa
+    e1 = m * mass + s * (pa - pb)
+    aa = np.where(np.isfinite(a), a, 0.0)
+    bb = np.where(np.isfinite(b), b, 0.0)
+    e2 = (m * m + s * s) * mass + 2 * m * s * (pa - pb) + s * s * (aa * pa - bb * pb)
+    lo_c = 0.0 if not np.isfinite(lo) else lo
+    hi_c = 0.0 if not np.isfinite(hi) else hi
+    mean_f = e1 + lo_c * Pa + hi_c * (1 - Pb)
+    sq_f = e2 + lo_c**2 * Pa + hi_c**2 * (1 - Pb)
+    const = np.clip(m, lo, hi)
+    mean_f = np.where(s > 0, mean_f, const)
+    sq_f = np.where(s > 0, sq_f, const * const)
+    return mean_f, sq_f
+
+
+def activation_mean_var(beta, gamma, act="relu"):
+    """E[f(z)], Var[f(z)] for z ~ N(beta, gamma^2) (Eq. M1-M2)."""
+    lo, hi = ACTIVATIONS[act]
+    m, sq = clipped_gaussian_moments(beta, gamma, lo, hi)
+    return m, np.maximum(sq - m * m, 0.0)
+
+
+def _he_phi(t, n_max):
+    """He_k(t) phi(t) for k = 0..n_max, shape (n_max + 1, C); 0 at t = +-inf."""
+    fin = np.isfinite(t)
+    tt = np.where(fin, t, 0.0)
+    he = np.empty((n_max + 1,) + t.shape)
+    he[0] = 1.0
+    if n_max >= 1:
+        he[1] = tt
+    for k in range(1, n_max):
+        he[k + 1] = tt * he[k] - k * he[k - 1]
+    return np.where(fin, he * _phi(tt), 0.0)
+
+
+def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
+    """c_n(f_i), n = 1..n_terms, shape (n_terms, C) (Eq. M3).
+
+    Exact, by Stein's lemma: for f = clip(beta + gamma u, lo, hi) with
+    t_lo = (lo - beta)/gamma, t_hi = (hi - beta)/gamma,
+    E[f He_1] = gamma (Phi(t_hi) - Phi(t_lo)) and, for n >= 2,
+    E[f He_n] = gamma (He_{n-2}(t_lo) phi(t_lo) - He_{n-2}(t_hi) phi(t_hi));
+    c_n = E[f He_n] / sqrt(n!)."""
+    lo, hi = ACTIVATIONS[act]
+    beta = np.asarray(beta, dtype=np.float64)
+    gamma = np.abs(np.asarray(gamma, dtype=np.float64))
+    live = gamma > 0
+    g = np.where(live, gamma, 1.0)
+    t_lo = (lo - beta) / g
+    t_hi = (hi - beta) / g
+    out = np.empty((n_terms,) + beta.shape)
+    out[0] = gamma * (ndtr(t_hi) - ndtr(t_lo))
+    if n_terms > 1:
+        d = _he_phi(t_lo, n_terms - 2) - _he_phi(t_hi, n_terms - 2)
+        out[1:] = gamma * d
+    norms = np.sqrt([math.factorial(n) for n in range(1, n_terms + 1)])
+    out = out / norms.reshape((-1,) + (1,) * beta.ndim)
+    return np.where(live, out, 0.0)
+
+
+def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
+    """Cov(f(z_i), g(z_k)) = sum_n rho_ik^n c_n(f_i) c_n(g_k) (Eq. M3).
+
+    rho : (A, B) correlation of the standardised pre-activations;
+    coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
+    With ``var_a``/``var_b`` (the exact variances) the truncated tail
+    ``r = Var - sum_n c_n^2`` is added as ``rho^(n+1) sqrt(r_i r_k)`` (Eq. M3'),
+    so that two channels with rho = 1 and equal marginals get exactly their
+    variance; ``same=True`` (the two sets are the same channels) puts the exact
+    variance on the diagonal.
+    """
+    rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
+    out = np.zeros_like(rho)
+    p = np.ones_like(rho)
+    for n in range(coef_a.shape[0]):
+        p = p * rho
+        out += p * np.outer(coef_a[n], coef_b[n])
+    if var_a is not None and var_b is not None:
+        ra = np.sqrt(np.clip(var_a - (coef_a**2).sum(0), 0, None))
+        rb = np.sqrt(np.clip(var_b - (coef_b**2).sum(0), 0, None))
+        out += p * rho * np.outer(ra, rb)
+    if same and var_a is not None:
+        np.fill_diagonal(out, var_a)
+    return out

@@ -1,0 +1,66 @@
+"""Graph surgery: absorb T, t into a consumer (Eq. R2), shift a layer's
+output mean (bias or following BN), and remove channels physically."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Model, Node
+
+
+def consumer_columns(model: Model, node: Node, n_channels: int) -> np.ndarray:
+    """The consumer's weight as (O, N, R) float64: R = kh*kw for a conv,
+    H*W (or 1) columns per channel for a linear layer."""
+    w = model.tensors[node.params["weight"]].astype(np.float64)
+    return w.reshape(w.shape[0], n_channels, -1)
+
+
+def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype) -> None:
+    """Eq. R2: W'_new[:, k] = sum_i W'[:, i] T[i, k];  output += sum_i W'[:, i] t_i.
+
+    The consumer loses the pruned input columns (physical pruning)."""
+    w = model.tensors[node.params["weight"]]
+    cols = consumer_columns(model, node, T.shape[0])
+    new = np.einsum("onr,nk->okr", cols, T, optimize=True)
+    delta = np.einsum("onr,n->o", cols, t)
+    if node.op == "conv2d":
+        new = new.reshape((w.shape[0], T.shape[1]) + w.shape[2:])
+    else:
+        new = new.reshape(w.shape[0], -1)
+    model.tensors[node.params["weight"]] = new.astype(dtype)
+    if np.any(delta != 0):
+        shift_output(model, node, delta, dtype)
+
+
+def shift_output(model: Model, node: Node, delta: np.ndarray, dtype) -> None:
+    """Add ``delta`` (O,) to the layer's output: into its bias, else into the
+    running mean of a BN that reads it alone (BN(y + d) with mu - d), else a
+    new bias tensor ``<layer>.bias``."""
+    if "bias" in node.params:
+        b = model.tensors[node.params["bias"]]
+        model.tensors[node.params["bias"]] = (b.astype(np.float64) + delta).astype(b.dtype)
+        return
+    cs = model.consumers(node.output)
+    if len(cs) == 1 and cs[0].op == "batch_norm" and node.output != model.output_name:
+        key = cs[0].params["running_mean"]
+        mu = model.tensors[key]
+        model.tensors[key] = (mu.astype(np.float64) - delta).astype(mu.dtype)
+        return
+    wname = node.params["weight"]
+    base = wname[: -len(".weight")] if wname.endswith(".weight") else node.name
+    name = base + ".bias"
+    i = 0
+    while name in model.tensors:
+        i += 1
+        name = f"{base}.bias_{i}"
+    model.tensors[name] = delta.astype(dtype)
+    node.params["bias"] = name
+
+
+def keep_outputs(model: Model, producer: Node, bn: Node, kept: np.ndarray) -> None:
+    """Keep only ``kept`` output channels of the producer and its BN."""
+    for node, roles in ((producer, ("weight", "bias")), (bn, ("weight", "bias", "running_mean", "running_var"))):
+        for r in roles:
+            if r in node.params:
+                key = node.params[r]
+                model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])

@@ -1,0 +1,41 @@
+"""Channel selection: which output channels of a producer are pruned (Eq. S1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import OptionError
+
+DEAD_GAMMA = 1e-12
+
+
+def channel_scores(weight: np.ndarray, criterion: str = "l1", gamma=None, sigma=None) -> np.ndarray:
+    """Eq. S1: ||W_i||_1 or ||W_i||_2 of each output filter, times |gamma_i| /
+    sigma_i when BN scaling is asked for (``gamma`` and ``sigma`` given)."""
+    if criterion not in ("l1", "l2"):
+        raise OptionError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
+    w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+    s = np.abs(w).sum(1) if criterion == "l1" else np.sqrt((w * w).sum(1))
+    if gamma is not None:
+        s = s * np.abs(gamma) / sigma
+    return s
+
+
+def select_kept(scores: np.ndarray, ratio: float, gamma=None, min_keep: int = 1) -> np.ndarray:
+    """Indices (sorted) of the channels kept.
+
+    ``round(ratio * N)`` channels with the lowest score are pruned, at most
+    ``N - min_keep``.  Dead channels (|gamma| <= 1e-12: constant output) are
+    pruned first, even beyond the ratio -- their output is a constant that the
+    compensation folds into the next layer's bias exactly.  Ties are broken by
+    index: the lower index is pruned first (deterministic)."""
+    n = scores.shape[0]
+    n_prune = int(np.floor(ratio * n + 0.5))
+    dead = np.zeros(n, bool) if gamma is None else (np.abs(gamma) <= DEAD_GAMMA)
+    n_prune = max(n_prune, int(dead.sum()))
+    n_prune = min(n_prune, n - max(1, min_keep))
+    if n_prune <= 0:
+        return np.arange(n)
+    key = np.where(dead, -np.inf, scores)
+    order = np.lexsort((np.arange(n), key))
+    return np.sort(order[n_prune:])
