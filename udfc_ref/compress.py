@@ -12,7 +12,6 @@ by the consumers (``rewrite.py``).
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from .datamodel import DataModel, bn_affine, dense_filters
 from .errors import OptionError
 from .graph import Model
 from .pairs import find_pairs
+from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, shift_output
@@ -74,6 +74,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     alpha1, alpha2 : UDFC regularisation weights (Eq. U2-U3).
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
+    progress : show a progress line on stderr when the work takes over a second.
 
     Returns
     -------
@@ -108,9 +109,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     record_layers = {}
     quantized = {}
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
+    bar = Progress(len(layer_nodes), "compress") if progress else None
     for step, onode in enumerate(layer_nodes):
-        if progress:
-            print(f"\r[{step + 1}/{len(layer_nodes)}] {onode.name}".ljust(60), end="", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(step, onode.name)
         node = out.node(onode.name)
         wkey = node.params["weight"]
         dtype = orig.tensors[onode.params["weight"]].dtype
@@ -177,8 +179,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                                      "kept": [int(i) for i in kept]}
         reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
         t = tick("rewrite", t)
-    if progress:
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.update(len(layer_nodes))
+        bar.close()
 
     out.record = {
         "method": method, "prune_ratio": prune_ratio, "weight_bits": weight_bits, "criterion": criterion,

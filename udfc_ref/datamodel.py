@@ -224,3 +224,14 @@ class DataModel:
 
             return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]))
         return None  # flatten and anything else: unknown
+
+
+def sample_patches(im: InputModel, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n`` input patches x ~ N(E[x], Sigma_x) of the data model (A2),
+    shape (n, C, K).  For auditing the closed forms by Monte Carlo (small C*K)."""
+    cov = np.kron(im.cov_c, im.r_s())
+    mean = np.repeat(im.mean_c, im.pos.shape[0])
+    w, v = np.linalg.eigh(cov)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    x = mean + rng.standard_normal((n, mean.size)) @ root.T
+    return x.reshape(n, im.cov_c.shape[0], im.pos.shape[0])

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from scipy.special import ndtr
 
-N_HERMITE = 12
+N_HERMITE = 30
 
 #: activation name -> (lo, hi) clip range; identity is (-inf, inf)
 ACTIVATIONS = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "identity": (-np.inf, np.inf)}
@@ -104,7 +104,7 @@ def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
     if n_terms > 1:
         d = _he_phi(t_lo, n_terms - 2) - _he_phi(t_hi, n_terms - 2)
         out[1:] = gamma * d
-    norms = np.sqrt([math.factorial(n) for n in range(1, n_terms + 1)])
+    norms = np.exp([0.5 * math.lgamma(n + 1) for n in range(1, n_terms + 1)])
     out = out / norms.reshape((-1,) + (1,) * beta.ndim)
     return np.where(live, out, 0.0)
 

@@ -1,0 +1,121 @@
+"""The UDFC closed form (Eq. U1-U4) is the minimiser of the objective (Eq. E1),
+and the objective is what the data model (A1-A4) says it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from udfc_ref.datamodel import InputModel, sample_patches
+from udfc_ref.quantize import fake_quantize
+from udfc_ref.solve import objective, pair_stats, udfc
+
+ACTS = {"relu": (0, np.inf), "relu6": (0, 6), "identity": (-np.inf, np.inf)}
+
+
+def random_pair(seed, n, c, k_side, act, n_pruned, bits):
+    rng = np.random.default_rng(seed)
+    k = k_side * k_side
+    yy, xx = np.meshgrid(np.arange(k_side), np.arange(k_side), indexing="ij")
+    pos = np.stack([yy.ravel(), xx.ravel()], 1)
+    a = rng.standard_normal((c, c))
+    cov_c = a @ a.T / c + 0.3 * np.eye(c)
+    im = InputModel(rng.uniform(0, 1, c), cov_c, float(rng.uniform(0, 0.9)), pos)
+    W = rng.standard_normal((n, c, k))
+    gamma = rng.uniform(0.3, 2.0, n) * rng.choice([1, 1, 1, -1], n)
+    beta = rng.normal(0, 1.0, n)
+    kept = np.sort(rng.choice(n, n - n_pruned, replace=False))
+    Wq = W[kept].copy()
+    if bits is not None:
+        Wq = fake_quantize(Wq.astype(np.float32), bits).astype(np.float64)
+    return W, Wq, im, gamma, beta, kept
+
+
+pairs = st.builds(
+    random_pair,
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(3, 9),
+    c=st.integers(1, 4),
+    k_side=st.sampled_from([1, 2, 3]),
+    act=st.sampled_from(list(ACTS)),
+    n_pruned=st.integers(1, 2),
+    bits=st.sampled_from([None, 3, 6]),
+)
+
+
+def full_objective(s, T, t, alpha1, alpha2):
+    """Eq. U0: the regularised objective the closed form minimises."""
+    n = T.shape[0]
+    m = s.kept.size
+    vq = np.diag(s.cov_q)
+    pruned = np.setdiff1d(np.arange(n), s.kept)
+    reg = alpha1 * (T[pruned] ** 2 * vq).sum() + alpha2 * (vq * (T[s.kept, np.arange(m)] - 1) ** 2).sum()
+    return objective(s, T, t).sum() + reg
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=pairs, act=st.sampled_from(list(ACTS)), alpha1=st.sampled_from([0.0, 0.01, 0.3]),
+       alpha2=st.sampled_from([0.0, 0.008, 0.5]), seed=st.integers(0, 1000))
+def test_closed_form_is_optimal(case, act, alpha1, alpha2, seed):
+    W, Wq, im, gamma, beta, kept = case
+    n = W.shape[0]
+    s = pair_stats(W, Wq, im, gamma, beta, act, kept)
+    T, t = udfc(s, n, alpha1, alpha2)
+    pruned = np.setdiff1d(np.arange(n), kept)
+    A = s.cov_q + alpha1 * np.diag(np.diag(s.cov_q))
+    # normal equations of the pruned rows
+    resid = A @ T[pruned].T - s.cross[pruned].T
+    assert np.abs(resid).max() <= 1e-6 * max(1.0, np.abs(s.cross).max())
+    # the same objective through scipy.linalg.lstsq: min ||R s - R^{+T} x||^2 + alpha1 ||D^1/2 s||^2
+    lam, Q = np.linalg.eigh(s.cov_q)
+    lam = np.clip(lam, 0, None)
+    R = np.sqrt(lam)[:, None] * Q.T
+    if lam.min() > 1e-8 * lam.max():
+        Rinv_T = np.linalg.inv(R).T
+        A_aug = np.vstack([R, np.sqrt(alpha1) * np.diag(np.sqrt(np.diag(s.cov_q)))])
+        for j in pruned:
+            b_aug = np.concatenate([Rinv_T @ s.cross[j], np.zeros(kept.size)])
+            ref = scipy.linalg.lstsq(A_aug, b_aug)[0]
+            assert np.allclose(ref, T[j], rtol=1e-5, atol=1e-6 * max(1.0, np.abs(ref).max()))
+    # perturbations never lower the objective
+    rng = np.random.default_rng(seed)
+    base = full_objective(s, T, t, alpha1, alpha2)
+    m = kept.size
+    for _ in range(20):
+        T2, t2 = T.copy(), t.copy()
+        scale = 10 ** rng.uniform(-4, 0)
+        T2[pruned] += scale * rng.standard_normal((pruned.size, m))
+        T2[kept, np.arange(m)] += scale * rng.standard_normal(m)
+        t2 += scale * rng.standard_normal(n)
+        assert full_objective(s, T2, t2, alpha1, alpha2) >= base - 1e-9 * max(1.0, abs(base))
+
+
+@settings(max_examples=12, deadline=None)
+@given(case=pairs, act=st.sampled_from(list(ACTS)))
+def test_objective_matches_monte_carlo(case, act):
+    """Sample inputs from the data model, run the real producer (conv as a dot
+    product with the patch), BN normalisation and activation, and compare the
+    empirical reconstruction error with the closed form (Eq. E1)."""
+    W, Wq, im, gamma, beta, kept = case
+    n = W.shape[0]
+    s = pair_stats(W, Wq, im, gamma, beta, act, kept)
+    T, t = udfc(s, n, 0.01, 0.008)
+    rng = np.random.default_rng(1)
+    x = sample_patches(im, 200_000, rng)
+    mx = np.repeat(im.mean_c, im.pos.shape[0])
+    f = W.reshape(n, -1)
+    fq = Wq.reshape(kept.size, -1)
+    xf = x.reshape(x.shape[0], -1)
+    sd = np.sqrt(np.einsum("nk,nk->n", f @ np.kron(im.cov_c, im.r_s()), f))
+    u = (xf - mx) @ f.T / sd  # standardised original pre-activations (A1)
+    uq = (xf @ fq.T - mx @ f[kept].T) / sd[kept]  # compressed, normalised by the original BN
+    lo, hi = ACTS[act]
+    a = np.clip(gamma * u + beta, lo, hi)
+    aq = np.clip(gamma[kept] * uq + beta[kept], lo, hi)
+    e = a - aq @ T.T - t
+    mc = (e**2).mean(0)
+    se = (e**2).std(0) / np.sqrt(e.shape[0])
+    closed = objective(s, T, t)
+    assert np.all(np.abs(mc - closed) <= 5 * se + 2e-3 * (a.var(0) + 1e-3)), (mc, closed, se)

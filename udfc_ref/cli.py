@@ -1,0 +1,245 @@
+"""The ``udfc`` command line.
+
+Exit status: 0 success, 1 a UDFCError (one line on stderr; ``--debug`` shows
+the traceback), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from .errors import UDFCError
+
+EPILOG = """examples:
+  udfc demo                                   compress the bundled digits CNN, before/after table
+  udfc info model.safetensors                 layers, channels, parameters, bytes
+  udfc compress in.safetensors out.safetensors --prune-ratio 0.3 --weight-bits 6 --method udfc
+  udfc eval out.safetensors --data test.npz   top-1 accuracy (arrays x: N,C,H,W float; y: N int)
+  udfc import keras model.keras model.safetensors
+"""
+
+
+def _ratio(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+
+
+def _bits(s: str):
+    if s.lower() in ("none", "float", "32"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an int (2..8 or 16) or 'none', got {s!r}") from None
+
+
+def add_compress_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression")
+    g.add_argument("--prune-ratio", type=_ratio, default=0.0, metavar="R",
+                   help="fraction in [0, 1) of the output channels of every compressible layer to remove "
+                        "(default 0: no pruning)")
+    g.add_argument("--weight-bits", type=_bits, default=None, metavar="B",
+                   help="quantize weights to B bits (2..8 or 16); absent or 'none': float weights")
+    g.add_argument("--method", choices=("udfc", "nm", "none"), default="udfc",
+                   help="compensation: udfc (closed form, default), nm (Neuron Merging), none (drop/round only)")
+    g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn"), default="l1",
+                   help="channel score: filter L1/L2 norm, optionally times |gamma|/sigma of the BN (default l1)")
+    g.add_argument("--per-tensor", action="store_true", help="one quantization scale per tensor (default per channel)")
+    g.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization (default symmetric)")
+    g.add_argument("--mse-clip", action="store_true", help="search the clipping range minimising the weight MSE")
+    g.add_argument("--alpha1", type=float, default=0.01, help="UDFC ridge weight of the pruning solve (default 0.01)")
+    g.add_argument("--alpha2", type=float, default=0.008,
+                   help="UDFC weight pulling quantization rescales to 1 (default 0.008)")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="remove the expected output shift of each quantized layer (DFQ-style)")
+    g.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers left untouched")
+    g.add_argument("--min-keep", type=int, default=1, help="channels every pruned layer keeps at least (default 1)")
+
+
+def compress_kwargs(a) -> dict:
+    return dict(prune_ratio=a.prune_ratio, weight_bits=a.weight_bits, method=a.method, criterion=a.criterion,
+                per_tensor=a.per_tensor, asymmetric=a.asymmetric, mse_clip=a.mse_clip, alpha1=a.alpha1,
+                alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep)
+
+
+def read_model(path: str):
+    """A udfc-ref file, or a Keras .keras/.h5 file converted on the fly."""
+    from .io import load
+
+    if path.endswith((".keras", ".h5", ".hdf5")):
+        from converters import keras as ck  # noqa: PLC0415
+
+        return ck.read(path)
+    return load(path)
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_info(a) -> int:
+    m = read_model(a.model)
+    print(f"model   {a.model}")
+    print(f"input   {m.input_name} {tuple(m.input_shape)}  output {m.output_name} {m.shapes[m.output_name]}")
+    print(f"{'layer':<28} {'op':<12} {'in':>6} {'out':>6} {'params':>10}  quant")
+    for n in m.nodes:
+        if n.op not in ("conv2d", "linear", "batch_norm"):
+            continue
+        shape_in = m.shapes[n.inputs[0]]
+        shape_out = m.shapes[n.output]
+        params = sum(m.tensors[t].size for t in n.params.values())
+        q = m.quant.get(n.params.get("weight", ""))
+        qs = "-" if q is None else f"{q.bits}-bit {'sym' if q.symmetric else 'asym'} " \
+                                   f"{'per-channel' if q.per_channel else 'per-tensor'}"
+        op = n.op if n.op != "conv2d" or n.attrs["groups"] == 1 else f"conv2d/g{n.attrs['groups']}"
+        print(f"{n.name:<28} {op:<12} {shape_in[0]:>6} {shape_out[0]:>6} {params:>10,}  {qs}")
+    print(f"parameters {m.param_count():,}   bytes {m.weight_bytes():,}   MACs {m.flops():,}")
+    if m.record:
+        r = m.record
+        print(f"compressed: method={r.get('method')} prune_ratio={r.get('prune_ratio')} "
+              f"weight_bits={r.get('weight_bits')} pruned layers={len(r.get('layers', {}))}")
+    else:
+        print("uncompressed")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import load_npz, top1
+
+    m = read_model(a.model)
+    x, y = load_npz(a.data)
+    acc = top1(m, x, y, batch_size=a.batch_size, progress=True)
+    print(f"top1={acc:.4f}")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    from . import compress
+    from .atomic import check_output_path
+    from .io import save
+
+    check_output_path(a.output, inputs=(a.input,))
+    if a.report:
+        check_output_path(a.report, inputs=(a.input, a.output))
+    m = read_model(a.input)
+    small, rep = compress(m, progress=True, **compress_kwargs(a))
+    save(small, a.output, input_path=a.input)
+    print(rep.format())
+    print(f"wrote {a.output}")
+    if a.report:
+        from .atomic import write_bytes_atomic
+
+        write_bytes_atomic(a.report, rep.to_json().encode())
+        print(f"wrote {a.report}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from . import compress
+    from .evaluate import top1
+    from .examples import load_example, load_example_data
+
+    m = load_example()
+    x, y = load_example_data()
+    kw = compress_kwargs(a)
+    t = time.perf_counter()
+    base = top1(m, x, y)
+    t_base = time.perf_counter() - t
+    print(f"bundled example: digits CNN, {x.shape[0]} held-out 8x8 digits; "
+          f"prune_ratio={kw['prune_ratio']} weight_bits={kw['weight_bits']}")
+    rows = [("original", base, m.param_count(), m.weight_bytes(), m.flops(), 0.0, t_base)]
+    methods = [kw["method"]] if a.only else [mm for mm in ("none", "nm", "udfc") if mm != kw["method"]] + [kw["method"]]
+    for meth in methods:
+        kw2 = dict(kw, method=meth)
+        small, rep = compress(m, **kw2)
+        t = time.perf_counter()
+        acc = top1(small, x, y)
+        rows.append((f"compressed ({meth})", acc, small.param_count(), small.weight_bytes(), small.flops(),
+                     rep.seconds, time.perf_counter() - t))
+    print(f"{'model':<22} {'top1':>7} {'params':>9} {'bytes':>9} {'MACs':>10} {'compress s':>11} {'eval s':>7}")
+    for name, acc, p, b, f, tc, te in rows:
+        print(f"{name:<22} {acc:>7.4f} {p:>9,} {b:>9,} {f:>10,} {tc:>11.3f} {te:>7.3f}")
+    if a.output:
+        from .io import save
+
+        small, _ = compress(m, **kw)
+        save(small, a.output)
+        print(f"wrote {a.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="udfc",
+        description="udfc-ref: data-free channel pruning + weight quantization of CNNs (Unified Data-Free "
+                    "Compression), NumPy reference implementation.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"udfc-ref {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("info", help="layers, channels, parameter count, size, quantization state")
+    s.add_argument("model", help="udfc-ref .safetensors file (or .keras/.h5)")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("eval", help="top-1 accuracy on an .npz file (arrays x, y)")
+    s.add_argument("model")
+    s.add_argument("--data", required=True, help=".npz with x (N, C, H, W) float32 and y (N,) int labels")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compress", help="prune and/or quantize a model without data",
+                       description="Prune and/or quantize a model without data; the next layer of every pruned "
+                                   "layer is rewritten to compensate (see docs/derivation.md).",
+                       epilog="example: udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
+                              "--weight-bits 6 --method udfc --report report.json")
+    s.add_argument("input", help="udfc-ref .safetensors file, or a Keras .keras/.h5 file")
+    s.add_argument("output", help="compressed udfc-ref .safetensors file (written atomically; never the input)")
+    add_compress_options(s)
+    s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("demo", help="compress the bundled digits example and print a before/after table")
+    add_compress_options(s)
+    s.set_defaults(prune_ratio=0.3, weight_bits=6)
+    s.add_argument("--only", action="store_true", help="run only --method, not the baselines beside it")
+    s.add_argument("--output", metavar="FILE", help="also save the compressed example")
+    s.set_defaults(func=cmd_demo)
+
+    try:
+        from converters import cli as ccli
+    except ImportError:
+        ccli = None
+    if ccli is not None and hasattr(ccli, "add_subcommands"):
+        ccli.add_subcommands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(a.func(a) or 0)
+    except UDFCError as e:
+        if a.debug:
+            traceback.print_exc()
+        msg = str(e).replace("\n", " ")
+        print(f"udfc: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("udfc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
