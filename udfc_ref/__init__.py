@@ -13,6 +13,7 @@ Keras live in the optional ``converters`` package.
 
 from .errors import ConversionError, FormatError, GraphError, NumericError, OptionError, UDFCError
 from .graph import Model, Node
+from .compression import compress
 from .io import load, save
 
 __version__ = "0.1.0"
@@ -21,10 +22,3 @@ __all__ = [
     "Model", "Node", "load", "save", "compress", "UDFCError", "FormatError", "GraphError",
     "NumericError", "OptionError", "ConversionError", "__version__",
 ]
-
-
-def compress(model, **kwargs):
-    """See :func:`udfc_ref.compress.compress`."""
-    from .compress import compress as _compress
-
-    return _compress(model, **kwargs)

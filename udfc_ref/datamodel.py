@@ -32,10 +32,12 @@ RHO_GRID = np.concatenate([np.linspace(0.0, 0.95, 20), [0.98, 0.99]])
 
 @dataclass
 class ValueStats:
-    """Per-channel mean (C,) and channel covariance (C, C) of a value."""
+    """Per-channel mean (C,), channel covariance (C, C) and lag-1 spatial
+    correlation ``rho`` (None when unknown or not spatial) of a value."""
 
     mean: np.ndarray
     cov: np.ndarray
+    rho: float | None = None
 
 
 def dense_filters(model: Model, node: Node) -> np.ndarray:
@@ -142,6 +144,23 @@ def bn_affine(model: Model, bn: Node):
     return g, b, m, s
 
 
+def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
+    """Eq. D6: lag-1 spatial correlation of a conv's output, variance weighted
+    over channels, for input correlation ``im.rho_s`` (horizontal and vertical
+    lags averaged; an output lag of 1 is an input lag of ``stride``)."""
+    den = im.gram_diag(f).sum()
+    if den <= 0 or im.rho_s <= 0:
+        return 0.0
+    a = np.einsum("nck,cd->ndk", f, im.cov_c, optimize=True)
+    num = 0.0
+    for axis, s in ((0, stride[0]), (1, stride[1])):
+        shift = np.zeros(2)
+        shift[axis] = s
+        d = np.abs(im.pos[:, None, :] - im.pos[None, :, :] - shift).sum(-1)
+        num += np.einsum("ndk,kl,ndl->", a, np.power(im.rho_s, d), f) / 2
+    return float(np.clip(num / den, 0.0, 0.99))
+
+
 def _corr(cov: np.ndarray) -> np.ndarray:
     d = np.sqrt(np.clip(np.diag(cov), 0, None))
     safe = np.where(d > 0, d, 1.0)
@@ -150,14 +169,20 @@ def _corr(cov: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str) -> ValueStats:
-    """Stats of f(z) for Gaussian z with the given mean/cov (Eq. M1-M3)."""
+def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str, rho=None) -> ValueStats:
+    """Stats of f(z) for Gaussian z with the given mean/cov (Eq. M1-M3); the
+    spatial correlation maps as rho -> sum_n rho^n c_n^2 / Var (Eq. D7)."""
     if act == "identity":
-        return ValueStats(mean.copy(), cov.copy())
+        return ValueStats(mean.copy(), cov.copy(), rho)
     std = np.sqrt(np.clip(np.diag(cov), 0, None))
     m, v = activation_mean_var(mean, std, act)
     c = hermite_coefficients(mean, std, act)
-    return ValueStats(m, activation_covariance(_corr(cov), c, c, v, v, same=True))
+    rho_out = None
+    if rho is not None and v.sum() > 0:
+        tail = np.clip(v - (c**2).sum(0), 0, None)
+        num = (np.power(rho, np.arange(1, c.shape[0] + 1))[:, None] * c**2).sum() + rho ** (c.shape[0] + 1) * tail.sum()
+        rho_out = float(np.clip(num / v.sum(), 0.0, 0.99))
+    return ValueStats(m, activation_covariance(_corr(cov), c, c, v, v, same=True), rho_out)
 
 
 class DataModel:
@@ -192,10 +217,13 @@ class DataModel:
                 return None
             pos = spatial_positions(n, m)
             nxt = m.consumers(n.output)
-            rho = 0.5
-            if len(nxt) == 1 and nxt[0].op == "batch_norm":
+            if src.rho is not None and (n.op == "conv2d" or pos.shape[0] > 1):
+                rho = src.rho  # Eq. D6-D8: propagated
+            elif len(nxt) == 1 and nxt[0].op == "batch_norm":
                 var = m.param(nxt[0], "running_var").astype(np.float64) + nxt[0].attrs["eps"]
-                rho = fit_rho_s(f, src.cov, pos, var)
+                rho = fit_rho_s(f, src.cov, pos, var)  # Eq. D3: calibrated on the BN variances
+            else:
+                rho = 0.0
             im = InputModel(src.mean, src.cov, rho, pos)
             self.inputs[n.name] = im
             g = im.gram(f, f)
@@ -203,26 +231,36 @@ class DataModel:
             b = m.param(n, "bias")
             if b is not None:
                 mean = mean + b
-            return ValueStats(mean, g)
+            rho_out = lag_correlation(f, im, n.attrs["stride"]) if n.op == "conv2d" else None
+            return ValueStats(mean, g, rho_out)
         if n.op == "batch_norm":
             src = ins[0]
             gamma, beta, _, _ = bn_affine(m, n)
             corr = _corr(src.cov) if src is not None and src.cov.shape[0] == gamma.shape[0] else np.eye(gamma.shape[0])
-            return ValueStats(beta, corr * np.outer(gamma, gamma))
+            return ValueStats(beta, corr * np.outer(gamma, gamma), None if src is None else src.rho)
         if n.op in ACTIVATIONS and n.op != "identity":
-            return None if ins[0] is None else activation_stats(ins[0].mean, ins[0].cov, n.op)
-        if n.op in ("identity", "max_pool2d", "avg_pool2d", "global_avg_pool"):
+            return None if ins[0] is None else activation_stats(ins[0].mean, ins[0].cov, n.op, ins[0].rho)
+        if n.op == "identity":
             return ins[0]
-        if n.op == "add":
+        if n.op in ("max_pool2d", "avg_pool2d"):
+            s = ins[0]
+            if s is None:
+                return None
+            stride = max(n.attrs["stride"])
+            return ValueStats(s.mean, s.cov, None if s.rho is None else float(s.rho**stride))  # Eq. D8
+        if n.op == "global_avg_pool":
+            return None if ins[0] is None else ValueStats(ins[0].mean, ins[0].cov, None)
+        if n.op in ("add", "concat"):
             if any(s is None for s in ins):
                 return None
-            return ValueStats(sum(s.mean for s in ins), sum(s.cov for s in ins))
-        if n.op == "concat":
-            if any(s is None for s in ins):
-                return None
+            rhos = [s.rho for s in ins]
+            w = [np.trace(s.cov) for s in ins]
+            rho = None if any(r is None for r in rhos) or sum(w) <= 0 else float(np.dot(rhos, w) / sum(w))
+            if n.op == "add":
+                return ValueStats(sum(s.mean for s in ins), sum(s.cov for s in ins), rho)
             from scipy.linalg import block_diag
 
-            return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]))
+            return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]), rho)
         return None  # flatten and anything else: unknown
 
 
