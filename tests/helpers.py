@@ -38,3 +38,32 @@ def vgg(seed=0, channels=(3, 8, 16, 16), hw=8, act="relu", classes=5) -> Model:
     tensors["fc.bias"] = np.zeros(classes, np.float32)
     nodes.append(Node("fc", "linear", ["flat"], "y", {}, {"weight": "fc.weight", "bias": "fc.bias"}))
     return Model(tensors, nodes, "x", (channels[0], hw, hw))
+
+
+def resnet_block(seed=0, c=8, hw=8) -> Model:
+    """stem conv-BN-ReLU, a basic residual block (conv-BN-ReLU-conv-BN + identity,
+    ReLU), global pool, linear: only the block's inner conv is a free pair."""
+    rng = np.random.default_rng(seed)
+    t, nodes = {}, []
+
+    def conv(name, inp, cin, cout):
+        t[f"{name}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+        nodes.append(Node(name, "conv2d", [inp], name, {"padding": 1}, {"weight": f"{name}.weight"}))
+
+    def bn(name, inp, ch):
+        nodes.append(Node(name, "batch_norm", [inp], name, {"eps": 1e-5}, bn_params(rng, ch, name, t)))
+
+    conv("stem", "x", 3, c)
+    bn("stem_bn", "stem", c)
+    nodes.append(Node("stem_relu", "relu", ["stem_bn"], "stem_relu"))
+    conv("b.conv1", "stem_relu", c, c)
+    bn("b.bn1", "b.conv1", c)
+    nodes.append(Node("b.relu1", "relu", ["b.bn1"], "b.relu1"))
+    conv("b.conv2", "b.relu1", c, c)
+    bn("b.bn2", "b.conv2", c)
+    nodes.append(Node("b.add", "add", ["b.bn2", "stem_relu"], "b.add"))
+    nodes.append(Node("b.relu2", "relu", ["b.add"], "b.relu2"))
+    nodes.append(Node("gap", "global_avg_pool", ["b.relu2"], "gap", {"keepdims": False}))
+    t["fc.weight"] = (rng.standard_normal((4, c)) / np.sqrt(c)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["gap"], "y", {}, {"weight": "fc.weight"}))
+    return Model(t, nodes, "x", (3, hw, hw))

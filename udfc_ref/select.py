@@ -25,14 +25,15 @@ def select_kept(scores: np.ndarray, ratio: float, gamma=None, min_keep: int = 1)
     """Indices (sorted) of the channels kept.
 
     ``round(ratio * N)`` channels with the lowest score are pruned, at most
-    ``N - min_keep``.  Dead channels (|gamma| <= 1e-12: constant output) are
-    pruned first, even beyond the ratio -- their output is a constant that the
-    compensation folds into the next layer's bias exactly.  Ties are broken by
+    ``N - min_keep``.  When ``ratio > 0``, dead channels (|gamma| <= 1e-12:
+    constant output) are pruned first, even beyond the ratio -- their output
+    is a constant that the compensation folds into the next layer's bias.  Ties are broken by
     index: the lower index is pruned first (deterministic)."""
     n = scores.shape[0]
     n_prune = int(np.floor(ratio * n + 0.5))
     dead = np.zeros(n, bool) if gamma is None else (np.abs(gamma) <= DEAD_GAMMA)
-    n_prune = max(n_prune, int(dead.sum()))
+    if ratio > 0:
+        n_prune = max(n_prune, int(dead.sum()))
     n_prune = min(n_prune, n - max(1, min_keep))
     if n_prune <= 0:
         return np.arange(n)
