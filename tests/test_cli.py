@@ -1,0 +1,107 @@
+"""The ``udfc`` command line: outputs, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import vgg
+
+from udfc_ref import load, save
+from udfc_ref.cli import main
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    p = tmp_path / "m.safetensors"
+    save(vgg(0, channels=(3, 8, 12, 12)), p)
+    return p
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "d.npz"
+    np.savez(p, x=rng.standard_normal((40, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 40))
+    return p
+
+
+def test_info(model_file, capsys):
+    assert main(["info", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert "c1" in out and "parameters" in out and "uncompressed" in out
+
+
+def test_compress_writes_model_and_report(model_file, tmp_path, capsys):
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    before = model_file.read_bytes()
+    code = main(["compress", str(model_file), str(out), "--prune-ratio", "0.3", "--weight-bits", "6",
+                 "--method", "udfc", "--report", str(rep), "--bias-correction"])
+    assert code == 0
+    assert model_file.read_bytes() == before  # input untouched
+    small = load(out)
+    assert small.record["method"] == "udfc" and small.record["weight_bits"] == 6
+    r = json.loads(rep.read_text())
+    assert r["params_after"] == small.param_count() < r["params_before"]
+    assert {lr["layer"] for lr in r["layers"] if lr["pruned"]} == {"c0", "c1", "c2"}
+    text = capsys.readouterr().out
+    assert "params" in text and "MACs" in text
+    assert main(["info", str(out)]) == 0
+    assert "6-bit" in capsys.readouterr().out
+
+
+def test_eval_prints_top1_line(model_file, data_file, capsys):
+    assert main(["eval", str(model_file), "--data", str(data_file), "--batch-size", "7"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("top1=")
+    m = load(model_file)
+    with np.load(data_file) as f:
+        acc = float((m.forward(f["x"]).argmax(1) == f["y"]).mean())
+    assert lines[0] == f"top1={acc:.4f}"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prune-ratio", "1.0"], "prune ratio"),
+    (["--prune-ratio", "-0.1"], "prune ratio"),
+    (["--weight-bits", "1"], "bits"),
+    (["--weight-bits", "12"], "bits"),
+    (["--skip", "nope"], "nope"),
+])
+def test_bad_options_exit_1_with_one_line(model_file, tmp_path, capsys, args, needle):
+    out = tmp_path / "o.safetensors"
+    assert main(["compress", str(model_file), str(out)] + args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("udfc: error:") and needle in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_output_equal_to_input_is_refused(model_file, capsys):
+    before = model_file.read_bytes()
+    assert main(["compress", str(model_file), str(model_file), "--prune-ratio", "0.3"]) == 1
+    assert "input" in capsys.readouterr().err
+    assert model_file.read_bytes() == before
+
+
+def test_missing_output_directory(model_file, tmp_path, capsys):
+    assert main(["compress", str(model_file), str(tmp_path / "no" / "o.safetensors")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "a", "b", "--method", "magic"])
+    assert e.value.code == 2
+    assert main([]) == 2
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    assert main(["info", str(bad)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--debug", "info", str(bad)]) == 1
+    assert "Traceback" in capsys.readouterr().err
