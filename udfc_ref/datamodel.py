@@ -163,8 +163,8 @@ def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
 
 def _corr(cov: np.ndarray) -> np.ndarray:
     d = np.sqrt(np.clip(np.diag(cov), 0, None))
-    safe = np.where(d > 0, d, 1.0)
-    r = cov / safe[:, None] / safe[None, :]
+    inv = 1.0 / np.where(d > 0, d, 1.0)
+    r = cov * inv[:, None] * inv[None, :]
     np.fill_diagonal(r, 1.0)
     return np.clip(r, -1.0, 1.0)
 

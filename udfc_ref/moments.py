@@ -109,11 +109,28 @@ def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
     return np.where(live, out, 0.0)
 
 
+def _terms_needed(rho, n_max, same, tol=1e-10):
+    """How many Hermite terms matter: |rho|^n below ``tol`` past that (the
+    diagonal of a same-channel matrix, rho = 1, is set exactly anyway)."""
+    a = np.abs(rho)
+    if same and a.shape[0] == a.shape[1] and a.shape[0] > 1:
+        a = a.copy()
+        np.fill_diagonal(a, 0.0)
+    rmax = float(a.max()) if a.size else 0.0
+    if rmax >= 1.0 - 1e-12:
+        return n_max
+    if rmax <= 0.0:
+        return 1
+    return int(min(n_max, max(1, np.ceil(np.log(tol) / np.log(rmax)))))
+
+
 def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
     """Cov(f(z_i), g(z_k)) = sum_n rho_ik^n c_n(f_i) c_n(g_k) (Eq. M3).
 
     rho : (A, B) correlation of the standardised pre-activations;
     coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
+    The series stops after the term where ``max |rho|^n`` falls below 1e-10
+    (at most ``N_HERMITE`` terms).
     With ``var_a``/``var_b`` (the exact variances) the truncated tail
     ``r = Var - sum_n c_n^2`` is added as ``rho^(n+1) sqrt(r_i r_k)`` (Eq. M3'),
     so that two channels with rho = 1 and equal marginals get exactly their
@@ -121,15 +138,17 @@ def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=Fals
     variance on the diagonal.
     """
     rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
+    n_terms = _terms_needed(rho, coef_a.shape[0], same)
+    # Horner: sum_n rho^n A_n = rho (A_1 + rho (A_2 + ... rho (A_n + rho * tail)))
     out = np.zeros_like(rho)
-    p = np.ones_like(rho)
-    for n in range(coef_a.shape[0]):
-        p = p * rho
-        out += p * np.outer(coef_a[n], coef_b[n])
     if var_a is not None and var_b is not None:
-        ra = np.sqrt(np.clip(var_a - (coef_a**2).sum(0), 0, None))
-        rb = np.sqrt(np.clip(var_b - (coef_b**2).sum(0), 0, None))
-        out += p * rho * np.outer(ra, rb)
+        ra = np.sqrt(np.clip(var_a - (coef_a[:n_terms] ** 2).sum(0), 0, None))
+        rb = np.sqrt(np.clip(var_b - (coef_b[:n_terms] ** 2).sum(0), 0, None))
+        np.multiply(ra[:, None], rb[None, :], out=out)
+    for n in range(n_terms - 1, -1, -1):
+        out *= rho
+        out += coef_a[n][:, None] * coef_b[n][None, :]
+    out *= rho
     if same and var_a is not None:
         np.fill_diagonal(out, var_a)
     return out
