@@ -67,3 +67,27 @@ def resnet_block(seed=0, c=8, hw=8) -> Model:
     t["fc.weight"] = (rng.standard_normal((4, c)) / np.sqrt(c)).astype(np.float32)
     nodes.append(Node("fc", "linear", ["gap"], "y", {}, {"weight": "fc.weight"}))
     return Model(t, nodes, "x", (3, hw, hw))
+
+
+def mobilenet_block(seed=0, cin=3, hidden=8, cout=6, hw=8) -> Model:
+    """stem 1x1 conv-BN-ReLU6 (expand) -> depthwise 3x3 -> BN -> ReLU6 -> 1x1
+    project -> BN -> global pool -> linear: the expand/depthwise chain is one
+    pair, the project conv is a pair with identity activation."""
+    rng = np.random.default_rng(seed)
+    t, nodes = {}, []
+    t["expand.weight"] = (rng.standard_normal((hidden, cin, 1, 1)) * np.sqrt(2 / cin)).astype(np.float32)
+    nodes.append(Node("expand", "conv2d", ["x"], "expand", {}, {"weight": "expand.weight"}))
+    nodes.append(Node("bn1", "batch_norm", ["expand"], "bn1", {"eps": 1e-5}, bn_params(rng, hidden, "bn1", t)))
+    nodes.append(Node("act1", "relu6", ["bn1"], "act1"))
+    t["dw.weight"] = (rng.standard_normal((hidden, 1, 3, 3)) * np.sqrt(2 / 9)).astype(np.float32)
+    nodes.append(Node("dw", "conv2d", ["act1"], "dw", {"padding": 1, "groups": hidden}, {"weight": "dw.weight"}))
+    nodes.append(Node("bn2", "batch_norm", ["dw"], "bn2", {"eps": 1e-5}, bn_params(rng, hidden, "bn2", t)))
+    nodes.append(Node("act2", "relu6", ["bn2"], "act2"))
+    t["project.weight"] = (rng.standard_normal((cout, hidden, 1, 1)) * np.sqrt(1 / hidden)).astype(np.float32)
+    nodes.append(Node("project", "conv2d", ["act2"], "project", {}, {"weight": "project.weight"}))
+    nodes.append(Node("bn3", "batch_norm", ["project"], "bn3", {"eps": 1e-5}, bn_params(rng, cout, "bn3", t)))
+    nodes.append(Node("gap", "global_avg_pool", ["bn3"], "gap"))
+    nodes.append(Node("flat", "flatten", ["gap"], "flat"))
+    t["fc.weight"] = (rng.standard_normal((4, cout)) / np.sqrt(cout)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["flat"], "y", {}, {"weight": "fc.weight"}))
+    return Model(t, nodes, "x", (cin, hw, hw))

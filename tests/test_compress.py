@@ -152,3 +152,29 @@ def test_udfc_error_estimate_drops_below_drop_and_nm():
         errs[method] = [r.error_after for r in rep.layers if r.pruned]
     for u, d, n in zip(errs["udfc"], errs["none"], errs["nm"]):
         assert u <= d + 1e-9 and u <= n + 1e-9
+
+
+def test_depthwise_chain_is_pruned_together_and_exact_for_a_duplicate():
+    from helpers import mobilenet_block
+
+    m = mobilenet_block()
+    t = m.tensors
+    # channel 1 duplicates channel 5 through expand, BN1, depthwise and BN2
+    for key in ("expand.weight", "dw.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"):
+        t[key][1] = t[key][5]
+    t["expand.weight"][[1, 5]] *= 1e-2  # lowest L1 norms: the pair is pruned first, lower index first
+    t["bn1.running_var"][[1, 5]] *= 1e-4
+    y = m.forward(X[:, :3])
+    small, rep = compress(m, prune_ratio=0.125, method="udfc", alpha1=0.0, alpha2=0.0, skip=["project"])
+    rec = small.record["layers"]["expand"]
+    assert rec["kept"] == [0, 2, 3, 4, 5, 6, 7] and rec["depthwise"] == "dw"
+    assert small.tensors["dw.weight"].shape == (7, 1, 3, 3) and small.node("dw").attrs["groups"] == 7
+    assert small.tensors["bn2.running_var"].shape == (7,) and small.tensors["project.weight"].shape == (6, 7, 1, 1)
+    assert rel(small.forward(X[:, :3]), y) <= 1e-5
+    dropped, _ = compress(m, prune_ratio=0.125, method="none", skip=["project"])
+    assert rel(dropped.forward(X[:, :3]), y) > 1e-3
+    both, rep = compress(m, prune_ratio=0.5, weight_bits=6, method="udfc")
+    assert set(both.record["layers"]) == {"expand", "project"}
+    assert np.isfinite(both.forward(X[:, :3])).all()
+    assert {r.layer: r.channels_after for r in rep.layers}["dw"] == 4

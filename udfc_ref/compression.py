@@ -26,7 +26,7 @@ from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, shift_output
 from .select import channel_scores, select_kept
-from .solve import drop, neuron_merging, objective, pair_stats, udfc
+from .solve import chain_stats, drop, neuron_merging, objective, pair_stats, udfc
 
 METHODS = ("none", "nm", "udfc")
 CRITERIA = ("l1", "l2", "l1-bn", "l2-bn")
@@ -125,8 +125,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 eps = _quantize_layer(out, node, bits, qkw, quantized)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
-            reports.append(LayerReport(onode.name, onode.op, n_out, n_out, bits, False,
-                                       note=unpruned.get(onode.name, "")))
+            n_now = int(out.tensors[wkey].shape[0])
+            note = unpruned.get(onode.name, "") if n_now == n_out else "depthwise, pruned with its producer"
+            reports.append(LayerReport(onode.name, onode.op, n_out, n_now, bits, n_now != n_out, note=note))
             t = tick("quantize", t)
             continue
 
@@ -143,25 +144,24 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if bits is not None:
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
-        Wd = dense_filters(orig, onode)  # (N, C, R) original coordinates
-        Wq = Wd[kept].copy()
-        extra = None
-        if eps_w is not None:
-            E = eps_w.reshape(kept.size, -1, Wd.shape[2])
-            ik = in_kept.get(onode.name)
-            if ik is None:
-                Wq += E
-            else:
-                Wq[:, ik, :] += E
-            if bias_correction:
-                extra = -_bias_correct(out, node, eps_w, dm, onode, ik)
-        im = dm.inputs[onode.name]
-        st = pair_stats(Wd, Wq, im, gamma, beta, pair.act, kept, extra_shift=extra)
+        if pair.dw is not None:
+            # depthwise chain: the depthwise channel and its BN go with the producer channel
+            dw = out.node(pair.dw.name)
+            keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+            dw.attrs["groups"] = int(kept.size)
+            in_kept[dw.name] = kept
+            if eps_w is not None and bias_correction:
+                _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
+            st = chain_stats(dm.values[pair.value], kept)
+        else:
+            st = _pair_stats(orig, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
+                             out if bias_correction else None, node)
         T0, t0_ = drop(st, n_out)
         if method == "udfc":
             T, tt = udfc(st, n_out, alpha1, alpha2)
         elif method == "nm":
-            T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
+            # on a depthwise chain, merging partners are chosen on the producer filters and BN
+            T, tt = neuron_merging(dense_filters(orig, onode), gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
         t = tick("solve", t)
@@ -177,6 +177,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         err1 = float(weights @ objective(st, T, tt)) / denom
         record_layers[onode.name] = {"channels_before": int(n_out), "channels_after": int(kept.size),
                                      "kept": [int(i) for i in kept]}
+        if pair.dw is not None:
+            record_layers[onode.name]["depthwise"] = pair.dw.name
         reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
         t = tick("rewrite", t)
     if bar is not None:
@@ -201,6 +203,23 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
     return out, rep
+
+
+def _pair_stats(orig, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
+    """Eq. D4-D5: the pair's statistics, with the quantization error of the
+    kept filters embedded in the original input coordinates."""
+    Wd = dense_filters(orig, onode)  # (N, C, R)
+    Wq = Wd[kept].copy()
+    extra = None
+    if eps_w is not None:
+        E = eps_w.reshape(kept.size, -1, Wd.shape[2])
+        if ik is None:
+            Wq += E
+        else:
+            Wq[:, ik, :] += E
+        if bc_model is not None:
+            extra = -_bias_correct(bc_model, node, eps_w, dm, onode, ik)
+    return pair_stats(Wd, Wq, dm.inputs[onode.name], gamma, beta, pair.act, kept, extra_shift=extra)
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:

@@ -7,8 +7,10 @@ compensated in the layer(s) that read them (derivation section 1):
         -> [max_pool2d | avg_pool2d | global_avg_pool | identity]*
         -> [flatten] -> consumer(s): conv2d groups=1 | linear
 
-Channels that reach a residual ``add``, a ``concat``, a grouped/depthwise
-conv, or the graph output are *coupled*: pruning them alone would produce a
+A producer -> BN -> act -> depthwise conv -> BN -> act chain is one pair too
+(the depthwise channel goes with its producer channel).  Channels that reach
+a residual ``add``, a ``concat``, another grouped conv, or the graph output
+are *coupled*: pruning them alone would produce a
 wrong network, so such producers are left unpruned (their weights may still
 be quantized) and :func:`find_pairs` says why in ``skipped``.
 """
@@ -36,10 +38,22 @@ class Consumer:
 
 @dataclass
 class Pair:
+    """A producer whose output channels can be pruned.
+
+    With ``dw`` set, the pair is a *depthwise chain*: producer -> bn -> act ->
+    depthwise conv ``dw`` -> ``bn2`` -> ``act2`` -> consumers; channel i of the
+    producer, of both BNs and of the depthwise conv is removed together and
+    the consumers rebuild the chain's output (MobileNetV2's expand -> dw ->
+    project)."""
+
     producer: Node
     bn: Node
     act: str  # "relu" | "relu6" | "identity"
     consumers: list[Consumer] = field(default_factory=list)
+    dw: Node | None = None
+    bn2: Node | None = None
+    act2: str | None = None
+    value: str = ""  # the value whose channels the consumers read (after the last activation)
 
     @property
     def name(self) -> str:
@@ -53,20 +67,42 @@ def _single_consumer(model: Model, value: str) -> Node | None:
     return cs[0]
 
 
+def _bn_act(model: Model, value: str):
+    """(bn, act, frontier) when ``value`` feeds a single BN, optionally one
+    ReLU/ReLU6; else None."""
+    bn = _single_consumer(model, value)
+    if bn is None or bn.op != "batch_norm":
+        return None
+    nxt = _single_consumer(model, bn.output)
+    if nxt is not None and nxt.op in ("relu", "relu6"):
+        return bn, nxt.op, nxt.output
+    return bn, "identity", bn.output
+
+
+def _depthwise(model: Model, c: Node, n: int) -> bool:
+    return c.op == "conv2d" and c.attrs["groups"] == n and model.tensors[c.params["weight"]].shape[:2] == (n, 1)
+
+
 def _pair_of(model: Model, p: Node) -> tuple[Pair | None, str]:
     if p.output == model.output_name:
         return None, "network output (the final classifier is never pruned)"
     if p.op == "conv2d" and p.attrs["groups"] != 1:
         return None, f"grouped conv (groups={p.attrs['groups']}): its channels are coupled to its input"
-    bn = _single_consumer(model, p.output)
-    if bn is None or bn.op != "batch_norm":
+    first = _bn_act(model, p.output)
+    if first is None:
         return None, "not followed by a single BatchNorm (no statistics for a data-free estimate)"
-    nxt = _single_consumer(model, bn.output)
-    act = "identity"
-    frontier = bn.output
-    if nxt is not None and nxt.op in ("relu", "relu6"):
-        act = nxt.op
-        frontier = nxt.output
+    bn, act, frontier = first
+    n = model.shapes[p.output][0]
+    dw = bn2 = act2 = None
+    nxt = _single_consumer(model, frontier)
+    if nxt is not None and nxt.op == "conv2d" and nxt.attrs["groups"] != 1:
+        if not _depthwise(model, nxt, n):
+            return None, f"feeds the grouped conv {nxt.name!r} (coupled channels, not a depthwise chain)"
+        second = _bn_act(model, nxt.output)
+        if second is None:
+            return None, f"feeds the depthwise conv {nxt.name!r}, which is not followed by a single BatchNorm"
+        dw = nxt
+        bn2, act2, frontier = second
     consumers: list[Consumer] = []
     stack = [(frontier, False)]
     while stack:
@@ -95,7 +131,7 @@ def _pair_of(model: Model, p: Node) -> tuple[Pair | None, str]:
                 return None, f"reaches {c.op} {c.name!r}, through which channels cannot be compensated"
     if not consumers:
         return None, "no consumer layer"
-    return Pair(p, bn, act, consumers), ""
+    return Pair(p, bn, act, consumers, dw, bn2, act2, frontier), ""
 
 
 def find_pairs(model: Model) -> tuple[list[Pair], dict[str, str]]:

@@ -94,6 +94,16 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     return PairStats(mean_a, var_a, mean_q, cov_q, cross, kept)
 
 
+def chain_stats(values, kept) -> PairStats:
+    """Statistics of a depthwise chain's output from the propagated data model
+    (A4): the kept channels are taken as undamaged (their quantization is not
+    modelled across the chain), so C~ = Cov(a_K), X = Cov(a, a_K)."""
+    kept = np.asarray(kept)
+    var = np.diag(values.cov).copy()
+    return PairStats(values.mean.copy(), var, values.mean[kept].copy(), values.cov[np.ix_(kept, kept)].copy(),
+                     values.cov[:, kept].copy(), kept)
+
+
 def objective(st: PairStats, T: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Eq. E1: per-channel reconstruction error E[(a_i - T_i a~_K - t_i)^2], (N,)."""
     quad = np.einsum("nk,kl,nl->n", T, st.cov_q, T)
