@@ -22,6 +22,7 @@ import importlib.util
 import operator
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -869,7 +870,9 @@ def save_torchscript(src_path, out_path) -> None:
     model = _load_model(src_path)
     gm = to_module(model)
     try:
-        sm = torch.jit.script(gm)
+        with warnings.catch_warnings():  # scripting empty container modules warns harmlessly
+            warnings.simplefilter("ignore", UserWarning)
+            sm = torch.jit.script(gm)
     except Exception:  # fall back to tracing (fixed input shape)
         x = torch.zeros((1,) + tuple(model.input_shape), dtype=next(iter(gm.parameters())).dtype)
         try:

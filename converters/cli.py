@@ -1,0 +1,137 @@
+"""``udfc import`` / ``udfc export``: the converter subcommands of the CLI.
+
+:func:`add_subcommands` is called by ``udfc_ref.cli.build_parser`` with its
+argparse subparsers object.  Frameworks are imported lazily in the handlers,
+so ``udfc --help`` works without PyTorch or Keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from udfc_ref.atomic import check_output_path
+
+IMPORT_EPILOG = """\
+examples:
+  # a module class (or zero-argument factory) plus a plain state_dict
+  udfc import torch resnet.safetensors --module torchvision.models:resnet18 \\
+      --weights resnet18.pth --input-shape 3,224,224
+  # a model defined in a local file, weights already inside
+  udfc import torch net.safetensors --module ./mynet.py:build --input-shape 3,32,32
+  # a Keras model
+  udfc import keras model.keras model.safetensors
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  # TorchScript; load it with plain torch.jit.load("small.pt") (udfc-ref not needed)
+  udfc export torch small.safetensors small.pt
+  # a Keras model file
+  udfc export keras small.safetensors small.keras
+"""
+
+
+def _keras():
+    try:
+        from converters import keras as ck  # noqa: PLC0415
+    except ImportError as e:
+        from udfc_ref.errors import ConversionError  # noqa: PLC0415
+
+        raise ConversionError(f"the Keras converter is unavailable ({e}); install it with: "
+                              "pip install 'udfc-ref[keras]'") from None
+    return ck
+
+
+def cmd_import_torch(a) -> int:
+    from converters import torch as ct  # noqa: PLC0415
+
+    check_output_path(a.out, inputs=(a.weights,))
+    shape = ct._parse_shape(a.input_shape)
+    module = ct.load_module_spec(a.module, weights=a.weights)
+    model = ct.export(module, a.out, shape)
+    print(f"wrote {a.out}: {len(model.nodes)} nodes, {model.param_count():,} parameters, "
+          f"input {tuple(model.input_shape)}, output {model.shapes[model.output_name]}")
+    return 0
+
+
+def cmd_import_keras(a) -> int:
+    check_output_path(a.out, inputs=(a.src,))
+    _keras().export(a.src, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_export_torch(a) -> int:
+    check_output_path(a.out, inputs=(a.src,))
+    from converters import torch as ct  # noqa: PLC0415
+
+    ct.save_torchscript(a.src, a.out)
+    print(f"wrote {a.out} (TorchScript; load with torch.jit.load)")
+    return 0
+
+
+def cmd_export_keras(a) -> int:
+    check_output_path(a.out, inputs=(a.src,))
+    _keras().save_keras(a.src, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Add ``import`` and ``export`` (each with ``torch`` / ``keras``) to the
+    ``udfc`` CLI's ``subparsers``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = subparsers.add_parser(
+        "import", help="convert a PyTorch or Keras model to a udfc-ref file",
+        description="Convert a framework model to a udfc-ref .safetensors file (eval mode). The converted "
+                    "model is checked against the framework's own forward pass.",
+        epilog=IMPORT_EPILOG, formatter_class=fmt)
+    fw = p.add_subparsers(dest="framework", metavar="FRAMEWORK", required=True)
+
+    s = fw.add_parser(
+        "torch", help="a torch.nn.Module (traced with torch.fx)",
+        description="Trace a torch.nn.Module with torch.fx and write it as a udfc-ref file. Tensor names are "
+                    "the module's state_dict keys. Supported: Conv2d, BatchNorm1d/2d, Linear, ReLU, ReLU6, "
+                    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten/view/reshape, +, torch.cat(dim=1), "
+                    "Identity, Dropout, mean over (2, 3).",
+        epilog=IMPORT_EPILOG, formatter_class=fmt)
+    s.add_argument("out", metavar="OUT.safetensors", help="udfc-ref file to write (atomically)")
+    s.add_argument("--module", required=True, metavar="SPEC",
+                   help="'package.module:attr' or 'path/to/file.py:attr'; attr is an nn.Module instance, "
+                        "or a class / factory called with no arguments")
+    s.add_argument("--weights", metavar="FILE",
+                   help="plain state_dict to load first (.safetensors, or .pt/.pth read with "
+                        "torch.load(weights_only=True)); keys must match exactly")
+    s.add_argument("--input-shape", required=True, metavar="C,H,W",
+                   help="one input sample without the batch axis, e.g. 3,224,224")
+    s.set_defaults(func=cmd_import_torch)
+
+    s = fw.add_parser(
+        "keras", help="a Keras .keras or .h5 model file",
+        description="Convert a Keras model file to a udfc-ref file.", epilog=IMPORT_EPILOG, formatter_class=fmt)
+    s.add_argument("src", metavar="IN.keras|IN.h5", help="Keras model file (never modified)")
+    s.add_argument("out", metavar="OUT.safetensors", help="udfc-ref file to write (atomically)")
+    s.set_defaults(func=cmd_import_keras)
+
+    p = subparsers.add_parser(
+        "export", help="convert a udfc-ref file to TorchScript or a Keras model",
+        description="Rebuild a (possibly compressed) udfc-ref model in a framework. Quantized weights are "
+                    "written as their dequantized floats.",
+        epilog=EXPORT_EPILOG, formatter_class=fmt)
+    fw = p.add_subparsers(dest="framework", metavar="FRAMEWORK", required=True)
+
+    s = fw.add_parser(
+        "torch", help="TorchScript file (torch.jit.load works without udfc-ref)",
+        description="Write a TorchScript module whose outputs match the udfc-ref NumPy forward and whose "
+                    "state_dict keys are the file's tensor names.", epilog=EXPORT_EPILOG, formatter_class=fmt)
+    s.add_argument("src", metavar="IN.safetensors", help="udfc-ref file (never modified)")
+    s.add_argument("out", metavar="OUT.pt", help="TorchScript file to write (atomically)")
+    s.set_defaults(func=cmd_export_torch)
+
+    s = fw.add_parser(
+        "keras", help="Keras .keras model file",
+        description="Write a Keras model rebuilt from a udfc-ref file.", epilog=EXPORT_EPILOG, formatter_class=fmt)
+    s.add_argument("src", metavar="IN.safetensors", help="udfc-ref file (never modified)")
+    s.add_argument("out", metavar="OUT.keras", help="Keras model file to write (atomically)")
+    s.set_defaults(func=cmd_export_keras)
