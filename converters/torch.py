@@ -86,6 +86,7 @@ class _Converter:
         self.nodes: list[Node] = []
         self.value: dict[str, str] = {}  # fx node name -> IR value name (or alias)
         self.meta: set[str] = set()  # fx nodes holding sizes (x.size(0), x.shape)
+        self.pads: dict[str, tuple] = {}  # F.pad nodes: name -> (source fx node, [t, b, l, r], value)
         self.used_names: set[str] = set()
         self.modules = dict(module.named_modules())
 
@@ -109,6 +110,9 @@ class _Converter:
         fx = self.torch.fx
         if not isinstance(arg, fx.Node):
             raise ConversionError(f"{self.where(n)}: argument {arg!r} is a constant, expected a tensor from the graph")
+        if arg.name in self.pads:
+            raise ConversionError(f"{self.where(n)}: its input {arg.name!r} is an F.pad; explicit padding is only "
+                                  "supported directly before a Conv2d or a pooling layer")
         if arg.name in self.meta or arg.name not in self.value:
             raise ConversionError(f"{self.where(n)}: argument {arg.name!r} is not a tensor value the converter knows")
         return self.value[arg.name]
@@ -119,6 +123,16 @@ class _Converter:
             name = n.name
         self.used_names.add(name)
         return name
+
+    def unpad(self, n, src, value=0.0):
+        """(source, [t, b, l, r]) of an input that may be an explicit F.pad with ``value``."""
+        fx = self.torch.fx
+        if isinstance(src, fx.Node) and src.name in self.pads:
+            inner, pad, v = self.pads[src.name]
+            if v != value:
+                raise ConversionError(f"{self.where(n)}: its input is F.pad with value {v}, expected {value}")
+            return inner, pad
+        return src, [0, 0, 0, 0]
 
     def emit(self, n, op, inputs, attrs=None, params=None):
         name = self.node_name(n)
@@ -196,6 +210,8 @@ class _Converter:
                 raise ConversionError(f"{w}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
             k = list(m.kernel_size)
             pad = _conv_padding(m.padding, k, list(m.dilation), list(m.stride), w)
+            src, extra = self.unpad(n, src)
+            pad = [p + e for p, e in zip(pad, extra)]
             params = {"weight": self.param(prefix, "weight", m.weight)}
             if m.bias is not None:
                 params["bias"] = self.param(prefix, "bias", m.bias)
@@ -280,8 +296,9 @@ class _Converter:
         k = _pair(k, "kernel", w)
         stride = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", w)
         p = _pair(padding, "padding", w)
-        self.emit(n, "max_pool2d", [self.tensor_in(n, src)],
-                  {"kernel": k, "stride": stride, "padding": [p[0], p[0], p[1], p[1]]})
+        src, extra = self.unpad(n, src, float("-inf"))
+        pad = [a + b for a, b in zip([p[0], p[0], p[1], p[1]], extra)]
+        self.emit(n, "max_pool2d", [self.tensor_in(n, src)], {"kernel": k, "stride": stride, "padding": pad})
 
     def avg_pool(self, n, src, k, stride, padding, ceil_mode, count_include_pad, divisor_override):
         w = self.where(n)
@@ -292,9 +309,12 @@ class _Converter:
         k = _pair(k, "kernel", w)
         stride = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", w)
         p = _pair(padding, "padding", w)
+        src, extra = self.unpad(n, src)
+        if any(extra) and not count_include_pad:
+            raise ConversionError(f"{w}: F.pad before average pooling with count_include_pad=False is not supported")
+        pad = [a + b for a, b in zip([p[0], p[0], p[1], p[1]], extra)]
         self.emit(n, "avg_pool2d", [self.tensor_in(n, src)],
-                  {"kernel": k, "stride": stride, "padding": [p[0], p[0], p[1], p[1]],
-                   "count_include_pad": bool(count_include_pad)})
+                  {"kernel": k, "stride": stride, "padding": pad, "count_include_pad": bool(count_include_pad)})
 
     def adaptive_avg_pool(self, n, src, out):
         s = self.shape(src)
@@ -399,6 +419,18 @@ class _Converter:
             if arg(2, "training", True) if t is not torch.dropout else arg(2, "train", True):
                 raise ConversionError(f"{w}: dropout in training mode; put the module in eval mode")
             self.alias(n, a[0])
+        elif is_(F.pad):
+            pad = arg(1, "pad")
+            mode = arg(2, "mode", "constant")
+            value = arg(3, "value", None)
+            value = 0.0 if value is None else float(value)
+            s = self.shape(a[0])
+            if (mode != "constant" or len(s) != 4 or not isinstance(pad, (list, tuple)) or len(pad) != 4
+                    or any(not isinstance(v, int) or v < 0 for v in pad)):
+                raise ConversionError(f"{w}: only constant, non-negative F.pad of H and W of an NCHW tensor is "
+                                      f"supported, got pad={pad!r} mode={mode!r}")
+            self.tensor_in(n, a[0])
+            self.pads[n.name] = (a[0], [pad[2], pad[3], pad[0], pad[1]], value)
         elif is_(names=("contiguous", "clone", "detach")):
             self.alias(n, a[0])
         else:
