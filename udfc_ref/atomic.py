@@ -1,7 +1,8 @@
 """Atomic file output: a temp file in the target directory, then ``os.replace``.
 
 A failure at any point before the rename leaves the previous file (if any)
-untouched and no partial file behind.
+untouched and no partial file behind.  Every failure is an
+:class:`~udfc_ref.errors.OptionError` naming the path.
 """
 
 from __future__ import annotations
@@ -12,17 +13,47 @@ import tempfile
 from .errors import OptionError
 
 
+def _fspath(path) -> str:
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise OptionError(f"output path {path!r} is not a path") from None
+
+
+def _probe_writable(d: str) -> None:
+    """Create and delete a temp file in ``d``.
+
+    ``os.access`` is not trusted: it answers "writable" for root on a 0o555
+    directory and ignores read-only mounts; actually creating a file is the
+    only reliable test."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".udfc-probe.", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise OptionError(f"output directory {d!r} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:  # pragma: no cover - we just created it
+        pass
+
+
 def check_output_path(path, inputs=()) -> str:
     """Validate an output path before any work is done.
 
-    Raises OptionError when the directory is missing or not writable, or when
-    the output is one of the ``inputs`` (we never overwrite an input)."""
-    path = os.fspath(path)
+    Raises OptionError when the directory is missing or not writable (tested
+    by creating a temp file there), when the path is a directory, or when the
+    output is one of the ``inputs`` (we never overwrite an input)."""
+    path = _fspath(path)
+    if not path:
+        raise OptionError("output path is empty")
     d = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(d):
+        parent = d
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+        if parent and not os.path.isdir(parent):
+            raise OptionError(f"output directory {d!r} cannot exist: {parent!r} is a file")
         raise OptionError(f"output directory {d!r} does not exist")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise OptionError(f"output directory {d!r} is not writable")
     if os.path.isdir(path):
         raise OptionError(f"output path {path!r} is a directory")
     for i in inputs:
@@ -34,23 +65,32 @@ def check_output_path(path, inputs=()) -> str:
             same = os.path.samefile(i, path)
         if same:
             raise OptionError(f"output path {path!r} is the input file; choose another name (inputs are never overwritten)")
+    _probe_writable(d)
     return path
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = os.fspath(path)
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    On any failure the temp file is removed and a previous file at ``path`` is
+    left as it was; an ``OSError`` is re-raised as OptionError."""
+    path = _fspath(path)
     d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise OptionError(f"cannot write {path!r}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise OptionError(f"cannot write {path!r}: {e.strerror or e} (nothing was written)") from None
         raise

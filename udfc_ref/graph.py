@@ -109,6 +109,39 @@ class Node:
 # attribute normalisation
 # --------------------------------------------------------------------------
 
+#: largest attribute integer (kernel, stride, padding, dilation, groups) and
+#: largest number of elements of one value (batch excluded) a model may have;
+#: beyond these a file is corrupt or hostile, not a CNN this tool can run.
+MAX_ATTR_INT = 1 << 20
+MAX_VALUE_ELEMENTS = 1 << 28
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_finite_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return bool(np.isfinite(float(v)))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def _bool_attr(node: Node, key: str, default: bool) -> bool:
+    v = node.attrs.get(key, default)
+    if not isinstance(v, (bool, np.bool_)):
+        raise GraphError(f"node {node.name!r}: attribute {key!r} must be true or false, got {v!r}")
+    return bool(v)
+
+
+def _check_attr_ints(node: Node, key: str, values) -> None:
+    if any(abs(int(x)) > MAX_ATTR_INT for x in values):
+        raise GraphError(f"node {node.name!r}: attribute {key!r} = {list(values)!r} is implausibly large "
+                         f"(limit {MAX_ATTR_INT})")
+
+
 def _int_pair(node: Node, key: str, default) -> list[int]:
     v = node.attrs.get(key, default)
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
@@ -119,6 +152,7 @@ def _int_pair(node: Node, key: str, default) -> list[int]:
         or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
     ):
         raise GraphError(f"node {node.name!r}: attribute {key!r} must be an int or a pair of ints, got {v!r}")
+    _check_attr_ints(node, key, v)
     return [int(x) for x in v]
 
 
@@ -138,6 +172,7 @@ def _padding4(node: Node, default=0) -> list[int]:
         )
     if any(int(x) < 0 for x in v):
         raise GraphError(f"node {node.name!r}: padding must be non-negative, got {v!r}")
+    _check_attr_ints(node, "padding", v)
     return [int(x) for x in v]
 
 
@@ -149,14 +184,14 @@ def normalise_attrs(node: Node) -> None:
         a["dilation"] = _int_pair(node, "dilation", 1)
         a["padding"] = _padding4(node)
         g = a.get("groups", 1)
-        if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1:
+        if not _is_int(g) or g < 1 or g > MAX_ATTR_INT:
             raise GraphError(f"node {node.name!r}: groups must be a positive int, got {g!r}")
         a["groups"] = int(g)
         if min(a["stride"]) < 1 or min(a["dilation"]) < 1:
             raise GraphError(f"node {node.name!r}: stride and dilation must be >= 1")
     elif node.op == "batch_norm":
         eps = a.get("eps", 1e-5)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not np.isfinite(eps) or eps < 0:
+        if not _is_finite_number(eps) or eps < 0:
             raise GraphError(f"node {node.name!r}: eps must be a finite number >= 0, got {eps!r}")
         a["eps"] = float(eps)
     elif node.op in ("max_pool2d", "avg_pool2d"):
@@ -168,19 +203,27 @@ def normalise_attrs(node: Node) -> None:
         if min(a["kernel"]) < 1 or min(a["stride"]) < 1:
             raise GraphError(f"node {node.name!r}: kernel and stride must be >= 1")
         if node.op == "avg_pool2d":
-            a["count_include_pad"] = bool(a.get("count_include_pad", True))
+            a["count_include_pad"] = _bool_attr(node, "count_include_pad", True)
     elif node.op == "global_avg_pool":
-        a["keepdims"] = bool(a.get("keepdims", True))
+        a["keepdims"] = _bool_attr(node, "keepdims", True)
     elif node.op == "concat":
         axis = a.get("axis", 1)
-        if axis != 1:
+        if not _is_int(axis) or axis != 1:
             raise GraphError(f"node {node.name!r}: concat is supported on the channel axis (1) only, got {axis!r}")
         a["axis"] = 1
     elif node.op == "flatten":
         sd = a.get("start_dim", 1)
-        if sd != 1:
+        if not _is_int(sd) or sd != 1:
             raise GraphError(f"node {node.name!r}: flatten supports start_dim=1 only, got {sd!r}")
         a["start_dim"] = 1
+
+
+def _prod(shape) -> int:
+    """Exact product of a shape (Python ints: no overflow)."""
+    p = 1
+    for x in shape:
+        p *= int(x)
+    return p
 
 
 def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation=(1, 1)) -> tuple[int, int]:
@@ -305,6 +348,8 @@ class Model:
             raise GraphError("the graph input must have a name")
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise GraphError(f"input_shape must be (C, H, W) with positive sizes, got {self.input_shape}")
+        if _prod(self.input_shape) > MAX_VALUE_ELEMENTS:
+            raise GraphError(f"input_shape {self.input_shape} exceeds {MAX_VALUE_ELEMENTS} elements per sample")
         names, outputs = set(), {self.input_name: "<graph input>"}
         for n in self.nodes:
             if n.op not in OPS:
@@ -341,8 +386,14 @@ class Model:
                 if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
                     raise GraphError(f"tensor {t!r} (node {n.name!r}, {role}) must be a float array, got "
                                      f"{getattr(arr, 'dtype', type(arr))}")
+                if arr.size == 0:
+                    raise GraphError(f"tensor {t!r} (node {n.name!r}, {role}) is empty (shape {arr.shape})")
             normalise_attrs(n)
-            self.shapes[n.output] = self._infer(n, [self.shapes[i] for i in n.inputs])
+            shape = self._infer(n, [self.shapes[i] for i in n.inputs])
+            if _prod(shape) > MAX_VALUE_ELEMENTS:
+                raise GraphError(f"node {n.name!r}: output {n.output!r} of shape {shape} exceeds "
+                                 f"{MAX_VALUE_ELEMENTS} elements per sample")
+            self.shapes[n.output] = shape
 
     def _toposort(self) -> list[Node]:
         done = {self.input_name}
@@ -360,6 +411,16 @@ class Model:
                 raise GraphError("the graph has a cycle through node(s) " + ", ".join(repr(n.name) for n in rest[:5]))
             pending = rest
         return order
+
+    def _check_work(self, n: Node, s, im2col: int) -> None:
+        """Refuse windowed ops whose padded input or im2col matrix (per
+        sample) would exceed MAX_VALUE_ELEMENTS: corrupt attributes must fail
+        here, not as a MemoryError in the forward pass."""
+        p = n.attrs["padding"]
+        padded = s[0] * (s[1] + p[0] + p[1]) * (s[2] + p[2] + p[3])
+        if max(padded, im2col) > MAX_VALUE_ELEMENTS:
+            raise GraphError(f"node {n.name!r}: padding {p} / kernel on input {s} needs more than "
+                             f"{MAX_VALUE_ELEMENTS} elements per sample (corrupt attributes?)")
 
     def _infer(self, n: Node, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         s = shapes[0]
@@ -387,6 +448,7 @@ class Model:
             ho, wo = conv_out_hw(s[1], s[2], (kh, kw), a["stride"], a["padding"], a["dilation"])
             if ho < 1 or wo < 1:
                 raise GraphError(f"node {n.name!r}: output would be empty ({ho}x{wo}) for input {s}")
+            self._check_work(n, s, ho * wo * s[0] * kh * kw)
             return (o, ho, wo)
         if n.op == "batch_norm":
             if len(s) not in (1, 3):
@@ -422,7 +484,7 @@ class Model:
                                      "(only the channel axis may differ)")
             return (sum(x[0] for x in shapes),) + tuple(s[1:])
         if n.op == "flatten":
-            return (int(np.prod(s)),)
+            return (_prod(s),)
         if n.op in ("max_pool2d", "avg_pool2d"):
             need4()
             p = a["padding"]
@@ -432,6 +494,7 @@ class Model:
             ho, wo = conv_out_hw(s[1], s[2], a["kernel"], a["stride"], p)
             if ho < 1 or wo < 1:
                 raise GraphError(f"node {n.name!r}: output would be empty for input {s}")
+            self._check_work(n, s, 0)
             return (s[0], ho, wo)
         if n.op == "global_avg_pool":
             need4()

@@ -21,7 +21,7 @@ from .atomic import check_output_path, write_bytes_atomic
 from .checks import check_numbers
 from .errors import FormatError, GraphError, UDFCError
 from .graph import Model, Node
-from .quantize import QuantizedTensor, dequantize, pack_codes, unpack_codes
+from .quantize import VALID_BITS, QuantizedTensor, pack_codes, qrange, unpack_codes
 
 FORMAT = "udfc-ref"
 FORMAT_VERSION = "1"
@@ -78,7 +78,14 @@ def save(model: Model, path, *, input_path=None) -> None:
     write_bytes_atomic(path, to_bytes(model))
 
 
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+_SAFETENSORS_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "F32", "U32", "I32", "F64", "U64", "I64",
+                       "F8_E4M3", "F8_E5M2")
+
+
 def _read_header(path) -> tuple[dict, int]:
+    """Parse and sanity-check the safetensors header ourselves, so a corrupt
+    file fails with a message before safetensors touches it."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -94,7 +101,7 @@ def _read_header(path) -> tuple[dict, int]:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise FormatError(f"{path}: the safetensors header is not valid JSON (garbage header)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: the safetensors header is not a JSON object")
@@ -102,11 +109,17 @@ def _read_header(path) -> tuple[dict, int]:
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        off = v.get("data_offsets") if isinstance(v, dict) else None
-        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) for o in off)):
+        if not isinstance(v, dict):
+            raise FormatError(f"{path}: header entry of tensor {k!r} is not a JSON object")
+        off, shape, dt = v.get("data_offsets"), v.get("shape"), v.get("dtype")
+        if not (isinstance(off, list) and len(off) == 2 and all(type(o) is int for o in off)):
             raise FormatError(f"{path}: tensor {k!r} has no valid data_offsets")
         if off[0] < 0 or off[1] < off[0] or off[1] > data_len:
             raise FormatError(f"{path}: tensor {k!r} lies beyond the end of the file (truncated?)")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise FormatError(f"{path}: tensor {k!r} has an invalid shape {shape!r}")
+        if dt not in _SAFETENSORS_DTYPES:
+            raise FormatError(f"{path}: tensor {k!r} has an unknown dtype {dt!r}")
     return header, n
 
 
@@ -117,15 +130,104 @@ def _json_field(meta, key, path, default=None):
         raise FormatError(f"{path}: metadata field {key!r} is missing")
     try:
         return json.loads(meta[key])
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise FormatError(f"{path}: metadata field {key!r} is not valid JSON") from None
 
 
+def _read_tensors(path) -> dict[str, np.ndarray]:
+    try:
+        from safetensors import safe_open
+
+        raw = {}
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                raw[k] = f.get_tensor(k)
+        return raw
+    except _PASS_THROUGH:
+        raise
+    except UDFCError:
+        raise
+    except BaseException as e:  # SafetensorError, ValueError, or a pyo3 PanicException (a BaseException)
+        raise FormatError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+
+
+def _quantized(path, t, q, raw) -> QuantizedTensor:
+    """Rebuild one quantized tensor from its table entry and stored arrays,
+    checking that table and codes agree (FormatError otherwise)."""
+    if not isinstance(q, dict):
+        raise FormatError(f"{path}: quantization entry of {t!r} is not a JSON object")
+    try:
+        bits, sym, pc, shape, dtype, packed = (q[k] for k in ("bits", "symmetric", "per_channel", "shape", "dtype",
+                                                               "packed"))
+    except KeyError as e:
+        raise FormatError(f"{path}: quantization entry of {t!r} lacks {e.args[0]!r}") from None
+    if type(bits) is not int or bits not in VALID_BITS:
+        raise FormatError(f"{path}: quantization entry of {t!r} has bits={bits!r} (must be 2..8 or 16)")
+    if dtype not in _FLOAT_DTYPES:
+        raise FormatError(f"{path}: quantization entry of {t!r} has dtype={dtype!r} (must be one of "
+                          f"{', '.join(_FLOAT_DTYPES)})")
+    if not all(isinstance(b, bool) for b in (sym, pc, packed)):
+        raise FormatError(f"{path}: quantization entry of {t!r}: symmetric, per_channel and packed must be booleans")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(type(d) is int and d >= 1 for d in shape)):
+        raise FormatError(f"{path}: quantization entry of {t!r} has an invalid shape {shape!r}")
+    shape = tuple(shape)
+    if packed != (bits < 8):
+        raise FormatError(f"{path}: quantization entry of {t!r}: packed={packed} but bits={bits} "
+                          "(codes are bit-packed exactly when bits < 8)")
+    if t not in raw or t + "_scale" not in raw:
+        raise FormatError(f"{path}: quantized tensor {t!r} lacks its codes or {t + '_scale'!r}")
+    codes = raw.pop(t)
+    scale = raw.pop(t + "_scale")
+    zp = raw.pop(t + "_zero_point", None)
+    qmin, qmax = qrange(bits, sym)
+    n = 1
+    for d in shape:
+        n *= d
+    if packed:
+        need = -(-n * bits // 8)
+        if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != need:
+            raise FormatError(f"{path}: quantized tensor {t!r}: {bits}-bit codes of shape {shape} must be packed into "
+                              f"{need} uint8 bytes, the file holds {codes.dtype} {codes.shape}")
+        codes = unpack_codes(codes, bits, sym, shape)
+    elif tuple(codes.shape) != shape or codes.dtype.kind not in "iu":
+        raise FormatError(f"{path}: quantized tensor {t!r}: codes of shape {codes.shape} {codes.dtype}, "
+                          f"expected {shape} integers")
+    if codes.size and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise FormatError(f"{path}: quantized tensor {t!r}: codes span [{int(codes.min())}, {int(codes.max())}], "
+                          f"outside the {bits}-bit {'symmetric' if sym else 'asymmetric'} range [{qmin}, {qmax}]")
+    nsc = shape[0] if pc else 1
+    if scale.shape != (nsc,) or scale.dtype.kind != "f":
+        raise FormatError(f"{path}: {t + '_scale'!r} must be a float array of shape ({nsc},), "
+                          f"got {scale.dtype} {scale.shape}")
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise FormatError(f"{path}: {t + '_scale'!r} must hold finite positive scales")
+    if sym and zp is not None:
+        raise FormatError(f"{path}: symmetric tensor {t!r} must not have {t + '_zero_point'!r}")
+    if not sym:
+        if zp is None:
+            raise FormatError(f"{path}: asymmetric tensor {t!r} lacks {t + '_zero_point'!r}")
+        if zp.shape != (nsc,) or zp.dtype.kind not in "iu":
+            raise FormatError(f"{path}: {t + '_zero_point'!r} must be an integer array of shape ({nsc},), "
+                              f"got {zp.dtype} {zp.shape}")
+        if zp.size and (int(zp.min()) < qmin or int(zp.max()) > qmax):
+            raise FormatError(f"{path}: {t + '_zero_point'!r} lies outside the code range [{qmin}, {qmax}]")
+    return QuantizedTensor(codes, scale, zp, bits, sym, pc, dtype)
+
+
 def load(path) -> Model:
-    """Read a udfc-ref model file (never modifies it)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    """Read a udfc-ref model file (never modifies it).
+
+    Every problem with the file raises a :class:`UDFCError` subclass
+    (FormatError, GraphError, NumericError) naming the tensor or node; tensors
+    the graph does not use are dropped with a ``UserWarning``."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise FormatError(f"{path!r} is not a file path") from None
+    if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: not a regular file")
     header, _ = _read_header(path)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
@@ -140,71 +242,48 @@ def load(path) -> Model:
     inp = _json_field(meta, "input", path)
     qtable = _json_field(meta, "quantization", path, default={})
     record = _json_field(meta, "compression", path, default={}) or None
+    output = meta.get("output")
     if not isinstance(graph, list):
         raise FormatError(f"{path}: metadata 'graph' must be a JSON list of nodes")
     if not (isinstance(inp, dict) and isinstance(inp.get("name"), str) and isinstance(inp.get("shape"), list)
-            and len(inp["shape"]) == 3 and all(isinstance(s, int) and s > 0 for s in inp["shape"])):
-        raise FormatError(f"{path}: metadata 'input' must be {{\"name\": str, \"shape\": [C, H, W]}}")
+            and len(inp["shape"]) == 3 and all(type(s) is int and s > 0 for s in inp["shape"])):
+        raise FormatError(f"{path}: metadata 'input' must be {{\"name\": str, \"shape\": [C, H, W]}} with positive "
+                          "int sizes")
     if not isinstance(qtable, dict):
         raise FormatError(f"{path}: metadata 'quantization' must be a JSON object")
-    nodes = [Node.from_json(d, i) for i, d in enumerate(graph)]
-
+    if record is not None and not isinstance(record, dict):
+        raise FormatError(f"{path}: metadata 'compression' must be a JSON object")
+    if output is not None and not isinstance(output, str):
+        raise FormatError(f"{path}: metadata 'output' must be a value name")
     try:
-        from safetensors import safe_open
-
-        raw = {}
-        with safe_open(path, framework="np") as f:
-            for k in f.keys():
-                raw[k] = f.get_tensor(k)
-    except UDFCError:
-        raise
-    except Exception as e:  # safetensors raises its own types for corrupt files
-        raise FormatError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
-
-    tensors, quant = {}, {}
-    for t, q in qtable.items():
-        try:
-            bits, sym, pc, shape, dtype = q["bits"], q["symmetric"], q["per_channel"], tuple(q["shape"]), q["dtype"]
-            packed = q["packed"]
-        except (KeyError, TypeError):
-            raise FormatError(f"{path}: quantization entry of {t!r} is incomplete") from None
-        if t not in raw or t + "_scale" not in raw:
-            raise FormatError(f"{path}: quantized tensor {t!r} lacks its codes or {t + '_scale'!r}")
-        if dtype not in _FLOAT_DTYPES or bits not in tuple(range(2, 9)) + (16,):
-            raise FormatError(f"{path}: quantization entry of {t!r} has bits={bits!r} dtype={dtype!r}")
-        codes = raw.pop(t)
-        try:
-            if packed:
-                codes = unpack_codes(codes, bits, sym, shape)
-            elif tuple(codes.shape) != shape or codes.dtype.kind not in "iu":
-                raise ValueError(f"codes of shape {codes.shape} {codes.dtype}, expected {shape} integers")
-        except ValueError as e:
-            raise FormatError(f"{path}: quantized tensor {t!r}: {e}") from None
-        scale = raw.pop(t + "_scale")
-        zp = raw.pop(t + "_zero_point", None)
-        nsc = shape[0] if pc else 1
-        if scale.shape != (nsc,) or scale.dtype.kind != "f" or (zp is not None and zp.shape != (nsc,)):
-            raise FormatError(f"{path}: {t + '_scale'!r} / zero point of {t!r} must have shape ({nsc},)")
-        if not sym and zp is None:
-            raise FormatError(f"{path}: asymmetric tensor {t!r} lacks {t + '_zero_point'!r}")
-        qt = QuantizedTensor(codes, scale, zp, int(bits), bool(sym), bool(pc), dtype)
-        quant[t] = qt
-        tensors[t] = dequantize(codes, scale, zp, np.dtype(dtype))
-    for k, v in raw.items():
-        if v.dtype.kind != "f":
-            raise FormatError(f"{path}: tensor {k!r} has dtype {v.dtype}; parameters must be float16/32/64")
-        tensors[k] = np.array(v)  # writable copy
-    used = {t for n in nodes for t in n.params.values()}
-    extra = sorted(set(tensors) - used)
-    if extra:
-        warnings.warn(f"{path}: {len(extra)} tensor(s) not used by the graph are ignored: {', '.join(extra[:5])}"
-                      + (" ..." if len(extra) > 5 else ""), stacklevel=2)
-        for k in extra:
-            del tensors[k]
-    try:
-        model = Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"],
-                      output_name=meta.get("output"), record=record, quant=quant)
+        nodes = [Node.from_json(d, i) for i, d in enumerate(graph)]
     except GraphError as e:
         raise GraphError(f"{path}: {e}") from None
-    check_numbers(model)
+
+    raw = _read_tensors(path)
+    used = {t for n in nodes for t in n.params.values()}
+    tensors, quant = {}, {}
+    for t, q in qtable.items():
+        if t not in used:
+            continue  # its arrays stay in ``raw`` and are reported as unused below
+        qt = _quantized(path, t, q, raw)
+        quant[t] = qt
+        tensors[t] = qt.dequantize()
+    extra = sorted(set(raw) - used)
+    if extra:
+        warnings.warn(f"{path}: {len(extra)} tensor(s) not used by the graph are ignored: {', '.join(extra[:5])}"
+                      + (" ..." if len(extra) > 5 else ""), UserWarning, stacklevel=2)
+    for k in sorted(used & set(raw)):
+        v = raw[k]
+        if v.dtype.name not in _FLOAT_DTYPES:
+            role = next(f"node {n.name!r}, {r}" for n in nodes for r, x in n.params.items() if x == k)
+            raise FormatError(f"{path}: tensor {k!r} ({role}) has dtype {v.dtype}; parameters must be "
+                              "float16/32/64 (or listed in the quantization table)")
+        tensors[k] = np.array(v)  # writable copy
+    try:
+        model = Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"],
+                      output_name=output, record=record, quant=quant)
+        check_numbers(model)
+    except UDFCError as e:
+        raise type(e)(f"{path}: {e}") from None
     return model
