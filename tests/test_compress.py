@@ -178,3 +178,26 @@ def test_depthwise_chain_is_pruned_together_and_exact_for_a_duplicate():
     assert set(both.record["layers"]) == {"expand", "project"}
     assert np.isfinite(both.forward(X[:, :3])).all()
     assert {r.layer: r.channels_after for r in rep.layers}["dw"] == 4
+
+
+def test_linear_bn_linear_pair():
+    from helpers import bn_params
+
+    from udfc_ref import Model, Node
+
+    rng = np.random.default_rng(3)
+    t = {"fc1.weight": rng.standard_normal((16, 12)).astype(np.float32) / 4,
+         "fc2.weight": rng.standard_normal((5, 16)).astype(np.float32) / 4,
+         "fc2.bias": np.zeros(5, np.float32)}
+    nodes = [Node("flat", "flatten", ["x"], "flat"),
+             Node("fc1", "linear", ["flat"], "fc1", {}, {"weight": "fc1.weight"}),
+             Node("bn", "batch_norm", ["fc1"], "bn", {"eps": 1e-5}, bn_params(rng, 16, "bn", t)),
+             Node("act", "relu", ["bn"], "act"),
+             Node("fc2", "linear", ["act"], "y", {}, {"weight": "fc2.weight", "bias": "fc2.bias"})]
+    m = Model(t, nodes, "x", (3, 2, 2))
+    x = rng.standard_normal((8, 3, 2, 2)).astype(np.float32)
+    y = m.forward(x)
+    small, rep = compress(m, prune_ratio=0.25, weight_bits=8, method="udfc")
+    assert small.tensors["fc1.weight"].shape == (12, 12) and small.tensors["fc2.weight"].shape == (5, 12)
+    assert rel(small.forward(x), y) < 0.5
+    assert rep.layers[0].error_after < rep.layers[0].error_before
