@@ -104,13 +104,21 @@ class InputModel:
     def r_s(self) -> np.ndarray:
         return spatial_correlation(self.pos, self.rho_s)
 
+    def _apply(self, f: np.ndarray) -> np.ndarray:
+        """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only."""
+        n, c, k = f.shape
+        a = (f.transpose(0, 2, 1).reshape(n * k, c) @ self.cov_c).reshape(n, k, c)
+        if k > 1 and self.rho_s > 0:
+            a = (self.r_s() @ a.transpose(1, 0, 2).reshape(k, n * c)).reshape(k, n, c).transpose(1, 0, 2)
+        return a
+
     def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
-        a = np.einsum("nck,cd->ndk", f1, self.cov_c, optimize=True) @ self.r_s()
-        return a.reshape(a.shape[0], -1) @ f2.reshape(f2.shape[0], -1).T
+        a = self._apply(f1)
+        return a.reshape(a.shape[0], -1) @ f2.transpose(0, 2, 1).reshape(f2.shape[0], -1).T
 
     def gram_diag(self, f: np.ndarray) -> np.ndarray:
-        a = np.einsum("nck,cd->ndk", f, self.cov_c, optimize=True) @ self.r_s()
-        return np.einsum("ndk,ndk->n", a, f)
+        a = self._apply(f)
+        return np.einsum("nkc,nkc->n", a, f.transpose(0, 2, 1))
 
     def mean_dot(self, f: np.ndarray) -> np.ndarray:
         return np.einsum("nck,c->n", f, self.mean_c)
@@ -120,11 +128,14 @@ def fit_rho_s(f: np.ndarray, cov_c: np.ndarray, pos: np.ndarray, bn_var: np.ndar
     """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii)."""
     if pos.shape[0] == 1:
         return 0.0
-    a = np.einsum("nck,cd->ndk", f, cov_c, optimize=True)
+    n, c, k = f.shape
+    a = (f.transpose(0, 2, 1).reshape(n * k, c) @ cov_c).reshape(n, k, c).transpose(1, 0, 2).reshape(k, n * c)
+    ft = f.transpose(0, 2, 1)
     live = bn_var > 0
     best, best_err = 0.0, np.inf
     for rho in RHO_GRID:
-        q = np.einsum("ndk,ndk->n", a @ spatial_correlation(pos, rho), f)
+        b = (spatial_correlation(pos, rho) @ a).reshape(k, n, c).transpose(1, 0, 2)
+        q = np.einsum("nkc,nkc->n", b, ft)
         ok = live & (q > 0)
         if ok.sum() < 2:
             continue
@@ -151,22 +162,26 @@ def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
     den = im.gram_diag(f).sum()
     if den <= 0 or im.rho_s <= 0:
         return 0.0
-    a = np.einsum("nck,cd->ndk", f, im.cov_c, optimize=True)
+    n, c, k = f.shape
+    a = (f.transpose(0, 2, 1).reshape(n * k, c) @ im.cov_c).reshape(n, k, c).transpose(1, 0, 2).reshape(k, n * c)
+    ft = f.transpose(0, 2, 1)
     num = 0.0
     for axis, s in ((0, stride[0]), (1, stride[1])):
         shift = np.zeros(2)
         shift[axis] = s
         d = np.abs(im.pos[:, None, :] - im.pos[None, :, :] - shift).sum(-1)
-        num += np.einsum("ndk,kl,ndl->", a, np.power(im.rho_s, d), f) / 2
+        b = (np.power(im.rho_s, d).T @ a).reshape(k, n, c).transpose(1, 0, 2)
+        num += float(np.einsum("nkc,nkc->", b, ft)) / 2
     return float(np.clip(num / den, 0.0, 0.99))
 
 
 def _corr(cov: np.ndarray) -> np.ndarray:
     d = np.sqrt(np.clip(np.diag(cov), 0, None))
     inv = 1.0 / np.where(d > 0, d, 1.0)
-    r = cov * inv[:, None] * inv[None, :]
+    r = cov * inv[:, None]
+    r *= inv[None, :]
     np.fill_diagonal(r, 1.0)
-    return np.clip(r, -1.0, 1.0)
+    return np.clip(r, -1.0, 1.0, out=r)
 
 
 def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str, rho=None) -> ValueStats:

@@ -106,8 +106,8 @@ def chain_stats(values, kept) -> PairStats:
 
 def objective(st: PairStats, T: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Eq. E1: per-channel reconstruction error E[(a_i - T_i a~_K - t_i)^2], (N,)."""
-    quad = np.einsum("nk,kl,nl->n", T, st.cov_q, T)
-    lin = np.einsum("nk,nk->n", T, st.cross)
+    quad = ((T @ st.cov_q) * T).sum(axis=1)
+    lin = (T * st.cross).sum(axis=1)
     bias = st.mean_a - T @ st.mean_q - t
     return np.maximum(st.var_a - 2 * lin + quad, 0.0) + bias**2
 
@@ -142,17 +142,21 @@ def udfc(st: PairStats, n: int, alpha1: float = 0.01, alpha2: float = 0.008) -> 
 
 
 def _solve_psd(A, B):
-    """Solve A S = B for symmetric PSD A: Cholesky when A is well
-    conditioned, else a rank-aware least-squares (SVD, relative cut-off
-    1e-10) returning the minimum-norm solution."""
+    """Solve A S = B for symmetric PSD A (Eq. U4): Cholesky when the factor's
+    diagonal says A is well conditioned (ratio^2 < 1e10, a lower bound of
+    cond(A)), else a rank-aware least squares (SVD, relative cut-off 1e-10)
+    returning the minimum-norm solution."""
     scale = np.max(np.abs(np.diag(A))) if A.size else 0.0
     if scale <= 0:
         return np.zeros_like(B)
     try:
         c = scipy.linalg.cho_factor(A, check_finite=False)
-        S = scipy.linalg.cho_solve(c, B, check_finite=False)
-        if np.all(np.isfinite(S)) and np.linalg.cond(A) < 1e10:
-            return S
+        d = np.abs(np.diag(c[0]))
+        # cond(A) >= (max d / min d)^2 for the Cholesky factor's diagonal d
+        if d.min() > 0 and (d.max() / d.min()) ** 2 < 1e10:
+            S = scipy.linalg.cho_solve(c, B, check_finite=False)
+            if np.all(np.isfinite(S)):
+                return S
     except np.linalg.LinAlgError:
         pass
     return scipy.linalg.lstsq(A, B, cond=1e-10, check_finite=False)[0]
