@@ -1,0 +1,375 @@
+"""Keras converter: .keras / legacy .h5 / live models -> IR -> Keras, checked by real forwards."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+os.environ["KERAS_BACKEND"] = "torch"
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+keras = pytest.importorskip("keras")
+
+import udfc_ref  # noqa: E402
+from converters import keras as ck  # noqa: E402
+from udfc_ref.errors import ConversionError, OptionError  # noqa: E402
+
+L = keras.layers
+TOL = 1e-4
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def randomise(model, seed):
+    """Seeded weights; BN gets non-trivial gamma/beta and moving statistics."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        ws = layer.get_weights()
+        if not ws:
+            continue
+        if isinstance(layer, L.BatchNormalization):
+            new = []
+            for v, w in zip(layer.weights, ws):
+                p = v.path.split("/")[-1]
+                if p == "moving_variance":
+                    new.append(rng.uniform(0.5, 2.0, w.shape))
+                elif p == "gamma":
+                    new.append(rng.uniform(0.5, 1.5, w.shape))
+                else:
+                    new.append(rng.normal(0, 0.5, w.shape))
+        else:
+            new = [rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape) for w in ws]
+        layer.set_weights([n.astype("float32") for n in new])
+    return model
+
+
+def predict(km, x_nhwc):
+    return keras.ops.convert_to_numpy(km(x_nhwc, training=False))
+
+
+def nchw(x):
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def sequential_cnn():
+    """Conv 'same' stride 2 on an odd size with an even kernel (asymmetric pad 1/2),
+    BN, ReLU, 'same' max pool (asymmetric), ZeroPadding2D folded into a conv,
+    fused relu, ReLU6, Dropout, Flatten -> Dense."""
+    m = keras.Sequential([
+        keras.Input((11, 11, 3)),
+        L.Conv2D(8, 4, strides=2, padding="same", use_bias=False, name="conv_a"),  # 11 -> 6, pad 1/2
+        L.BatchNormalization(name="bn_a"),
+        L.ReLU(name="relu_a"),
+        L.MaxPooling2D(2, strides=1, padding="same", name="pool_a"),  # 6 -> 6, pad 0/1
+        L.ZeroPadding2D(((1, 0), (0, 1)), name="zpad"),
+        L.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv_b"),  # 7 -> 4
+        L.BatchNormalization(center=False, epsilon=1e-2, name="bn_b"),
+        L.ReLU(max_value=6.0, name="relu6_b"),
+        L.Dropout(0.5, name="drop"),
+        L.Flatten(name="flat"),
+        L.Dense(10, name="fc"),
+    ], name="seq_cnn")
+    return randomise(m, 1)
+
+
+def functional_net():
+    """Residual Add, Concatenate, DepthwiseConv2D (multiplier 2), average pool
+    'same', GlobalAveragePooling2D (keepdims) -> Flatten -> Dense."""
+    i = keras.Input((9, 9, 4), name="img")
+    t = L.Conv2D(8, 3, padding="same", name="stem")(i)
+    t = L.BatchNormalization(scale=False, name="stem_bn")(t)
+    t = L.Activation("relu", name="stem_act")(t)
+    d = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(t)
+    d = L.BatchNormalization(name="dw_bn")(d)
+    d = L.Activation("relu6", name="dw_act")(d)
+    d = L.Conv2D(8, 1, name="project")(d)
+    d = L.BatchNormalization(name="project_bn")(d)
+    r = L.Add(name="res")([t, d])
+    b = L.ZeroPadding2D(1, name="side_pad")(t)
+    b = L.Conv2D(4, 3, activation="relu", name="side")(b)
+    c = L.Concatenate(name="cat")([r, b])
+    c = L.Conv2D(12, 3, strides=2, padding="same", name="down")(c)  # 9 -> 5
+    c = L.BatchNormalization(name="down_bn")(c)
+    c = L.ReLU(name="down_relu")(c)
+    c = L.AveragePooling2D(3, strides=2, padding="same", name="avg")(c)  # 5 -> 3, pad 1/1
+    g = L.GlobalAveragePooling2D(keepdims=True, name="gap")(c)
+    g = L.Flatten(name="flat")(g)
+    o = L.Dense(7, name="head")(g)
+    return randomise(keras.Model(i, o, name="func_net"), 2)
+
+
+def gap_net():
+    """GlobalAveragePooling2D without keepdims straight into Dense, Dense with relu."""
+    i = keras.Input((6, 6, 3), name="x")
+    t = L.Conv2D(5, 3, name="c")(i)
+    t = L.BatchNormalization(name="bn")(t)
+    t = L.ReLU(name="r")(t)
+    t = L.GlobalAveragePooling2D(name="gap")(t)
+    t = L.Dense(6, activation="relu", name="fc1")(t)
+    return randomise(keras.Model(i, L.Dense(3, name="fc2")(t)), 3)
+
+
+BUILDERS = {"sequential": sequential_cnn, "functional": functional_net, "gap": gap_net}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every test model saved as .keras and legacy .h5, with its Keras predictions."""
+    d = tmp_path_factory.mktemp("keras_models")
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, build in BUILDERS.items():
+        km = build()
+        x = rng.normal(size=(4,) + tuple(km.input_shape[1:])).astype("float32")
+        p_keras, p_h5 = str(d / f"{name}.keras"), str(d / f"{name}.h5")
+        km.save(p_keras)
+        km.save(p_h5)  # Keras 3 still writes the legacy HDF5 layout (model_config + model_weights)
+        out[name] = {"model": km, "x": x, "y": predict(km, x), "keras": p_keras, "h5": p_h5}
+    return out
+
+
+# --------------------------------------------------------------------- read
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("source", ["keras", "h5", "live"])
+def test_read_matches_keras_predict(saved, name, source):
+    s = saved[name]
+    src = s["model"] if source == "live" else s[source]
+    m = ck.read(src)
+    y = m.forward(nchw(s["x"]))
+    assert y.shape == s["y"].shape
+    assert rel(y, s["y"]) <= TOL
+
+
+def test_files_untouched_and_layout(saved):
+    s = saved["sequential"]
+    before = open(s["keras"], "rb").read()
+    m = ck.read(s["keras"])
+    assert open(s["keras"], "rb").read() == before
+    conv_a = m.node("conv_a")
+    assert conv_a.attrs["padding"] == [1, 2, 1, 2]  # TF 'same': total 3 -> top 1, bottom 2
+    assert conv_a.attrs["stride"] == [2, 2]
+    assert "bias" not in conv_a.params
+    assert m.node("pool_a").attrs["padding"] == [0, 1, 0, 1]
+    # ZeroPadding2D((1, 0), (0, 1)) folded into conv_b's own 'same' padding (7x7 padded input -> 1/1)
+    assert m.node("conv_b").attrs["padding"] == [2, 1, 1, 2]
+    assert m.node("conv_b.relu").op == "relu" and m.node("relu6_b").op == "relu6"
+    assert m.node("bn_b").attrs["eps"] == pytest.approx(1e-2)
+    assert m.node("bn_a").attrs["eps"] == pytest.approx(1e-3)
+    np.testing.assert_array_equal(m.tensors["bn_b.bias"], 0.0)  # center=False -> beta 0
+    kern = s["model"].get_layer("conv_a").get_weights()[0]
+    np.testing.assert_array_equal(m.tensors["conv_a.weight"], kern.transpose(3, 2, 0, 1))
+    assert set(m.tensors) >= {"conv_a.weight", "bn_a.weight", "bn_a.bias", "bn_a.running_mean",
+                              "bn_a.running_var", "fc.weight", "fc.bias"}
+    assert m.input_shape == (3, 11, 11)
+
+
+def test_depthwise_and_flatten_layout(saved):
+    s = saved["functional"]
+    m = ck.read(s["h5"])
+    dw = m.node("dw")
+    assert dw.attrs["groups"] == 8 and m.tensors["dw.weight"].shape == (16, 1, 3, 3)
+    k = s["model"].get_layer("dw").get_weights()[0]  # (kh, kw, in, mult)
+    c, mult = 5, 1  # Keras output channel c*mult + m
+    np.testing.assert_array_equal(m.tensors["dw.weight"][c * 2 + mult, 0], k[:, :, c, mult])
+    np.testing.assert_array_equal(m.tensors["stem_bn.weight"], 1.0)  # scale=False -> gamma 1
+    # Flatten of an (H, W, C) map: the Dense columns are permuted to (C, H, W)
+    seq = saved["sequential"]
+    ms = ck.read(seq["keras"])
+    kern = seq["model"].get_layer("fc").get_weights()[0]  # (4*4*6, 10), rows (h, w, c)
+    h, w, ch = 2, 3, 4
+    np.testing.assert_array_equal(ms.tensors["fc.weight"][:, ch * 16 + h * 4 + w], kern[(h * 4 + w) * 6 + ch])
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(3, 9), k=st.integers(1, 4), s=st.integers(1, 3), pool=st.sampled_from(["conv", "max"]),
+       seed=st.integers(0, 2 ** 16))
+def test_same_padding_matches_keras(n, k, s, pool, seed):
+    """Keras 'same' (TF rule, asymmetric when the total is odd) is represented exactly."""
+    layer = L.Conv2D(2, k, strides=s, padding="same") if pool == "conv" else L.MaxPooling2D(k, s, padding="same")
+    km = randomise(keras.Sequential([keras.Input((n, n, 2)), layer]), seed)
+    x = np.random.default_rng(seed).normal(size=(2, n, n, 2)).astype("float32")
+    assert rel(ck.read(km).forward(nchw(x)), nchw(predict(km, x))) <= TOL
+
+
+def test_chunked_legacy_layer_names(saved, tmp_path):
+    """Large legacy files split layer_names into layer_names0, layer_names1 ..."""
+    import h5py
+
+    s = saved["functional"]
+    p = str(tmp_path / "chunked.h5")
+    shutil.copy(s["h5"], p)
+    with h5py.File(p, "r+") as f:
+        g = f["model_weights"]
+        names = list(g.attrs["layer_names"])
+        del g.attrs["layer_names"]
+        g.attrs["layer_names0"] = names[:3]
+        g.attrs["layer_names1"] = names[3:]
+    assert rel(ck.read(p).forward(nchw(s["x"])), s["y"]) <= TOL
+
+
+def test_keras2_style_config(saved, tmp_path):
+    """tf.keras 2 configs: list-style inbound_nodes, batch_input_shape, 'name:0' weight names."""
+    import h5py
+
+    s = saved["functional"]
+    p = str(tmp_path / "k2.h5")
+    shutil.copy(s["h5"], p)
+    with h5py.File(p, "r+") as f:
+        cfg = json.loads(f.attrs["model_config"])
+        for lj in cfg["config"]["layers"]:
+            if lj["class_name"] == "InputLayer":
+                lj["config"]["batch_input_shape"] = lj["config"].pop("batch_shape")
+            names = []
+            ck._history_names(lj.get("inbound_nodes", []), names)
+            lj["inbound_nodes"] = [[[n, 0, 0, {}] for n in names]] if names else []
+        cfg["config"]["output_layers"] = [cfg["config"]["output_layers"]]
+        f.attrs["model_config"] = json.dumps(cfg)
+    assert rel(ck.read(p).forward(nchw(s["x"])), s["y"]) <= TOL
+
+
+# ------------------------------------------------------------ unsupported
+
+def _one_layer(layer, shape=(6, 6, 3)):
+    return keras.Sequential([keras.Input(shape), L.Conv2D(4, 3, name="ok"), layer])
+
+
+@pytest.mark.parametrize("layer, words", [
+    (L.Conv2DTranspose(2, 3, name="deconv"), ["deconv", "Conv2DTranspose"]),
+    (L.LayerNormalization(name="ln"), ["ln", "LayerNormalization"]),
+    (L.ReLU(negative_slope=0.1, name="leaky"), ["leaky", "negative_slope"]),
+    (L.ReLU(max_value=4.0, name="relu4"), ["relu4", "max_value"]),
+    (L.Activation("sigmoid", name="sig"), ["sig", "sigmoid"]),
+    (L.Conv2D(2, 3, activation="tanh", name="tconv"), ["tconv", "tanh"]),
+    (L.BatchNormalization(axis=1, name="bn1"), ["bn1", "axis"]),
+    (L.Dense(3, name="dense4d"), ["dense4d", "Flatten"]),
+])
+def test_unsupported_layer_named(tmp_path, layer, words):
+    km = _one_layer(layer)
+    p = str(tmp_path / "bad.keras")
+    km.save(p)
+    for src in (p, km):
+        with pytest.raises(ConversionError) as e:
+            ck.read(src)
+        for w in words:
+            assert w in str(e.value)
+
+
+def test_flatten_into_non_dense_and_lstm(tmp_path):
+    km = keras.Sequential([keras.Input((4, 4, 2)), L.Flatten(name="f"), L.BatchNormalization(name="bnf")])
+    with pytest.raises(ConversionError, match="bnf"):
+        ck.read(km)
+    km = keras.Sequential([keras.Input((5, 3)), L.LSTM(2, name="rnn")])
+    with pytest.raises(ConversionError):
+        ck.read(km)
+    i = keras.Input((6, 6, 3))
+    km = keras.Model(i, L.Conv2D(2, 3, data_format="channels_first", name="cf")(i))
+    with pytest.raises(ConversionError, match="cf.*channels_first"):
+        ck.read(km)
+
+
+# ---------------------------------------------------------------- to_model
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_to_model_roundtrip(saved, name, tmp_path):
+    s = saved[name]
+    m = ck.read(s["keras"])
+    k2 = ck.to_model(m)
+    assert rel(predict(k2, s["x"]), s["y"]) <= TOL
+    assert k2.count_params() == m.param_count()  # BN moving stats counted on both sides
+    # through a udfc-ref file and a saved .keras file
+    f = str(tmp_path / "m.safetensors")
+    ck.export(s["keras"], f)
+    assert rel(udfc_ref.load(f).forward(nchw(s["x"])), s["y"]) <= TOL
+    out = str(tmp_path / "back.keras")
+    ck.save_keras(f, out)
+    k3 = keras.saving.load_model(out)
+    assert rel(predict(k3, s["x"]), s["y"]) <= TOL
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left
+
+
+def test_outputs_never_overwrite_inputs(saved, tmp_path):
+    s = saved["gap"]
+    p = str(tmp_path / "g.keras")
+    shutil.copy(s["keras"], p)
+    before = open(p, "rb").read()
+    with pytest.raises(OptionError):
+        ck.export(p, p)
+    f = str(tmp_path / "g.safetensors")
+    ck.export(p, f)
+    with pytest.raises(OptionError):
+        ck.save_keras(f, f)
+    assert open(p, "rb").read() == before
+
+
+def test_to_model_grouped_and_explicit_padding():
+    """Torch-style IR (symmetric padding 1 on stride-2 convs and pools, a
+    non-depthwise grouped conv) rebuilt in Keras with ZeroPadding2D."""
+    rng = np.random.default_rng(5)
+    f32 = lambda *s: rng.normal(size=s).astype("float32")  # noqa: E731
+    tensors = {"c1.weight": f32(8, 3, 3, 3), "c1.bias": f32(8), "g.weight": f32(8, 4, 3, 3),
+               "fc.weight": f32(4, 8 * 2 * 2), "fc.bias": f32(4)}
+    N = udfc_ref.Node
+    nodes = [
+        N("c1", "conv2d", ["input"], "c1", {"stride": 2, "padding": 1}, {"weight": "c1.weight", "bias": "c1.bias"}),
+        N("r1", "relu", ["c1"], "r1"),
+        N("p1", "max_pool2d", ["r1"], "p1", {"kernel": 3, "stride": 2, "padding": 1}),
+        N("g", "conv2d", ["p1"], "g", {"padding": [0, 1, 1, 0], "groups": 2}, {"weight": "g.weight"}),
+        N("a", "avg_pool2d", ["g"], "a", {"kernel": 2, "stride": 1, "padding": [1, 1, 1, 1]}),
+        N("fl", "flatten", ["a"], "fl"),
+        N("fc", "linear", ["fl"], "fc", {}, {"weight": "fc.weight", "bias": "fc.bias"}),
+    ]
+    m = udfc_ref.Model(tensors, nodes, input_shape=(3, 7, 7))
+    assert m.shapes["a"] == (8, 2, 2) or m.shapes["fl"] == (32,)
+    x = rng.normal(size=(3, 3, 7, 7)).astype("float32")
+    k = ck.to_model(m)
+    assert rel(predict(k, x.transpose(0, 2, 3, 1)), m.forward(x)) <= TOL
+    assert k.count_params() == m.param_count()
+
+
+def test_to_model_refuses_inexact_max_pool_padding():
+    rng = np.random.default_rng(6)
+    m = udfc_ref.Model({"c.weight": rng.normal(size=(2, 1, 1, 1)).astype("float32")}, [
+        udfc_ref.Node("c", "conv2d", ["input"], "c", {}, {"weight": "c.weight"}),
+        udfc_ref.Node("p", "max_pool2d", ["c"], "p", {"kernel": 3, "stride": 2, "padding": 1}),
+    ], input_shape=(1, 4, 4))  # 'same' would pad 0/1 here, and the input may be negative
+    with pytest.raises(ConversionError, match="'p'"):
+        ck.to_model(m)
+
+
+def test_importable_without_keras(saved, tmp_path):
+    """read() needs no keras; to_model names the extra when keras is missing."""
+    code = (
+        "import sys; sys.modules['keras'] = None\n"
+        "from converters import keras as ck\n"
+        "from udfc_ref.errors import ConversionError\n"
+        f"m = ck.read({saved['functional']['keras']!r})\n"
+        "assert 'keras' not in [k for k, v in sys.modules.items() if v is not None]\n"
+        "try:\n    ck.to_model(m)\nexcept ConversionError as e:\n    print('ERR', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "udfc-ref[keras]" in r.stdout
+
+
+# ---------------------------------------------------------------- compress
+
+@pytest.mark.parametrize("name", ["sequential", "functional"])
+def test_compressed_to_keras(saved, name):
+    s = saved[name]
+    m = ck.read(s["keras"])
+    small, _ = udfc_ref.compress(m, prune_ratio=0.3, weight_bits=6, method="udfc")
+    assert small.param_count() < m.param_count()
+    k = ck.to_model(small)
+    assert rel(predict(k, s["x"]), small.forward(nchw(s["x"]))) <= TOL
+    # both sides count every weight, bias and BN tensor (gamma, beta, moving mean and variance)
+    assert k.count_params() == small.param_count()
