@@ -1,0 +1,208 @@
+"""Output safety: save never touches its input, never leaves a partial file,
+and refuses unusable output paths up front with an OptionError."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import udfc_ref
+from udfc_ref import OptionError, UDFCError
+from udfc_ref import atomic
+from udfc_ref.atomic import check_output_path, write_bytes_atomic
+
+from helpers import resnet_block, vgg
+
+
+def listing(d):
+    return sorted(os.listdir(d))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    p = tmp_path / "in.safetensors"
+    udfc_ref.save(vgg(), p)
+    return p
+
+
+def test_load_and_save_elsewhere_leave_the_input_untouched(saved, tmp_path):
+    before, st = saved.read_bytes(), os.stat(saved)
+    m = udfc_ref.load(saved)
+    m.tensors["c0.weight"][:] = 0  # mutating the loaded model must not reach the file
+    out = tmp_path / "out.safetensors"
+    udfc_ref.save(m, out, input_path=saved)
+    after = os.stat(saved)
+    assert saved.read_bytes() == before
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (st.st_mtime_ns, st.st_size, st.st_ino)
+    assert np.all(udfc_ref.load(out).tensors["c0.weight"] == 0)
+    assert listing(tmp_path) == ["in.safetensors", "out.safetensors"]
+
+
+def test_save_refuses_the_input_path(saved):
+    before = saved.read_bytes()
+    with pytest.raises(OptionError, match="is the input file"):
+        udfc_ref.save(udfc_ref.load(saved), saved, input_path=saved)
+    assert saved.read_bytes() == before
+
+
+def test_save_refuses_the_input_by_another_name(saved, tmp_path):
+    link = tmp_path / "link.safetensors"
+    os.link(saved, link)
+    with pytest.raises(OptionError, match="is the input file"):
+        udfc_ref.save(vgg(), link, input_path=str(saved))
+    rel = os.path.relpath(saved)
+    with pytest.raises(OptionError, match="is the input file"):
+        udfc_ref.save(vgg(), saved, input_path=rel)
+
+
+def test_output_directory_missing(tmp_path):
+    with pytest.raises(OptionError, match="does not exist"):
+        udfc_ref.save(vgg(), tmp_path / "no" / "such" / "dir" / "m.safetensors")
+    assert listing(tmp_path) == []
+
+
+def test_output_directory_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_bytes(b"x")
+    with pytest.raises(OptionError, match="is a file"):
+        udfc_ref.save(vgg(), f / "m.safetensors")
+    assert f.read_bytes() == b"x"
+
+
+def test_output_path_is_a_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OptionError, match="is a directory"):
+        udfc_ref.save(vgg(), tmp_path / "d")
+
+
+@pytest.mark.parametrize("bad", [None, 3, ""])
+def test_output_path_not_a_path(bad):
+    with pytest.raises(OptionError):
+        check_output_path(bad)
+
+
+def test_output_directory_read_only(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    os.chmod(d, 0o555)
+    try:
+        try:  # root ignores the mode bits: then this cannot be provoked with chmod
+            open(d / "probe", "wb").close()
+            os.unlink(d / "probe")
+            pytest.skip("running as root (CAP_DAC_OVERRIDE): a chmod 0o555 directory is still writable, "
+                        "so it cannot provoke the failure; "
+                        "see test_unwritable_directory_under_proc for the root case")
+        except PermissionError:
+            pass
+        with pytest.raises(OptionError, match="not writable"):
+            udfc_ref.save(vgg(), d / "m.safetensors")
+        assert listing(d) == []
+    finally:
+        os.chmod(d, 0o755)
+
+
+def test_unwritable_directory_under_proc():
+    # /proc/self refuses file creation even for root: the probe must catch what os.access misses
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    with pytest.raises(OptionError, match="not writable"):
+        check_output_path("/proc/self/m.safetensors")
+
+
+def test_check_output_path_probes_instead_of_trusting_os_access(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+
+    def no_tmp(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", no_tmp)
+    with pytest.raises(OptionError, match="not writable.*Permission denied"):
+        check_output_path(tmp_path / "m.safetensors")
+
+
+def test_check_output_path_leaves_no_probe_file(tmp_path):
+    check_output_path(tmp_path / "m.safetensors")
+    assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------- failure midway
+
+def _fail(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["replace", "fsync", "write"])
+def test_failure_midway_keeps_previous_output(tmp_path, monkeypatch, where):
+    out = tmp_path / "out.safetensors"
+    udfc_ref.save(vgg(), out)
+    before = out.read_bytes()
+    if where == "replace":
+        monkeypatch.setattr(atomic.os, "replace", _fail)
+    elif where == "fsync":
+        monkeypatch.setattr(atomic.os, "fsync", _fail)
+    else:
+        real_fdopen = os.fdopen
+
+        class HalfWriter:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])  # half the bytes reach the temp file, then the disk is full
+                _fail()
+
+            def __getattr__(self, k):
+                return getattr(self.f, k)
+
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    with pytest.raises(OptionError, match="No space left on device"):
+        udfc_ref.save(resnet_block(), out)
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    assert listing(tmp_path) == ["out.safetensors"]  # no temp file left
+    assert udfc_ref.load(out).nodes[0].name == "c0"
+
+
+def test_failure_midway_without_previous_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic.os, "replace", _fail)
+    with pytest.raises(UDFCError):
+        udfc_ref.save(vgg(), tmp_path / "new.safetensors")
+    assert listing(tmp_path) == []
+
+
+def test_interrupt_midway_cleans_up_and_propagates(tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes_atomic(tmp_path / "x.bin", b"abc")
+    assert listing(tmp_path) == []
+
+
+def test_serialisation_failure_writes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+
+    def boom(model):
+        raise RuntimeError("serialiser bug")
+
+    monkeypatch.setattr(udfc_ref.io, "to_bytes", boom)
+    with pytest.raises(RuntimeError):
+        udfc_ref.save(vgg(), out)
+    assert out.read_bytes() == b"previous" and listing(tmp_path) == ["out.safetensors"]
+
+
+def test_write_bytes_atomic_replaces_whole_file(tmp_path):
+    p = tmp_path / "f.bin"
+    write_bytes_atomic(p, b"a" * 1000)
+    write_bytes_atomic(p, b"bc")
+    assert p.read_bytes() == b"bc" and listing(tmp_path) == ["f.bin"]
