@@ -115,7 +115,6 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             bar.update(step, onode.name)
         node = out.node(onode.name)
         wkey = node.params["weight"]
-        dtype = orig.tensors[onode.params["weight"]].dtype
         pair = pair_of.get(onode.name)
         n_out = orig.tensors[onode.params["weight"]].shape[0]
         bits = None if onode.name in skip else weight_bits
