@@ -551,3 +551,61 @@ def test_quantized_overflow_to_inf_is_numeric_error(tmp_path):
 def test_errors_are_one_udfc_family():
     for e in (FormatError, GraphError, NumericError):
         assert issubclass(e, UDFCError)
+
+
+# ------------------------------------------------------------------- CLI
+
+def _cli_bad_files(tmp_path):
+    t, meta, g = parts()
+    files = {}
+    p = tmp_path / "trunc.safetensors"
+    p.write_bytes(to_bytes(vgg())[:500])
+    files["trunc"] = p
+    node(g, "a1")["op"] = "gelu"
+    files["graph"] = write(tmp_path, t, meta, g, "graph.safetensors")
+    t2 = dict(t)
+    t2["b0.running_var"] = -t["b0.running_var"]
+    files["numbers"] = write(tmp_path, t2, meta, None, "numbers.safetensors")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["trunc", "graph", "numbers"])
+def test_cli_bad_file_is_one_line_exit_1(tmp_path, capsys, kind):
+    from udfc_ref.cli import main
+
+    p = _cli_bad_files(tmp_path)[kind]
+    before = p.read_bytes()
+    assert main(["info", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("udfc: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    out = tmp_path / "out.safetensors"
+    assert main(["compress", str(p), str(out), "--prune-ratio", "0.3"]) == 1
+    assert not out.exists() and p.read_bytes() == before
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_debug_shows_traceback(tmp_path, capsys):
+    from udfc_ref.cli import main
+
+    p = _cli_bad_files(tmp_path)["graph"]
+    assert main(["--debug", "info", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "GraphError" in err and "unknown op 'gelu'" in err
+
+
+def test_cli_refuses_output_equal_to_input(tmp_path, capsys):
+    from udfc_ref.cli import main
+
+    p = tmp_path / "m.safetensors"
+    udfc_ref.save(vgg(), p)
+    before = p.read_bytes()
+    assert main(["compress", str(p), str(p), "--prune-ratio", "0.3"]) == 1
+    assert "is the input file" in capsys.readouterr().err and p.read_bytes() == before
+
+
+def test_cli_usage_error_is_exit_2(capsys):
+    from udfc_ref.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["compress", "--prune-ratio"])
+    assert ei.value.code == 2

@@ -78,3 +78,16 @@ def test_bad_options_leave_the_model_unchanged(model):
         udfc_ref.compress(model, prune_ratio=2.0)
     udfc_ref.compress(model, prune_ratio=0.5, weight_bits=4)  # a good call does not modify its input either
     assert all(np.array_equal(before[k], model.tensors[k]) for k in before)
+
+
+@pytest.mark.parametrize("args,word", [(["--prune-ratio", "1.5"], "prune ratio"), (["--weight-bits", "9"], "bits"),
+                                       (["--skip", "nope"], "'nope'")])
+def test_cli_bad_option_is_one_line_exit_1(tmp_path, capsys, args, word):
+    from udfc_ref.cli import main
+
+    p, out = tmp_path / "m.safetensors", tmp_path / "out.safetensors"
+    udfc_ref.save(vgg(), p)
+    assert main(["compress", str(p), str(out)] + args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("udfc: error: ") and err.count("\n") == 1 and word in err, err
+    assert not out.exists()
