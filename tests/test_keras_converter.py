@@ -236,6 +236,31 @@ def test_keras2_style_config(saved, tmp_path):
     assert rel(ck.read(p).forward(nchw(s["x"])), s["y"]) <= TOL
 
 
+def test_keras_archive_without_var_names(saved, tmp_path):
+    """Older Keras 3 weight files lack the 'name' attribute on the vars groups:
+    the groups are then matched by Keras' snake_case(class)_N naming."""
+    import io
+    import zipfile
+
+    import h5py
+
+    s = saved["functional"]
+    p = str(tmp_path / "old.keras")
+    with zipfile.ZipFile(s["keras"]) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    buf = io.BytesIO(files["model.weights.h5"])
+    with h5py.File(buf, "r+") as f:
+        f.visititems(lambda n, o: o.attrs.__delitem__("name") if "name" in o.attrs else None)
+        left = []
+        f.visititems(lambda n, o: left.append(n) if "name" in o.attrs else None)
+        assert not left and "layers/conv2d_1/vars" in f
+    files["model.weights.h5"] = buf.getvalue()
+    with zipfile.ZipFile(p, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    assert rel(ck.read(p).forward(nchw(s["x"])), s["y"]) <= TOL
+
+
 # ------------------------------------------------------------ unsupported
 
 def _one_layer(layer, shape=(6, 6, 3)):
