@@ -254,8 +254,11 @@ def _read_file(path):
         except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{path}: unreadable .keras archive ({e})") from None
         layers = _parse_config(cfg, path)[0]
-        with h5py.File(io.BytesIO(wbytes), "r") as f:
-            return cfg, _weights_keras3(f, layers)
+        try:
+            with h5py.File(io.BytesIO(wbytes), "r") as f:
+                return cfg, _weights_keras3(f, layers)
+        except OSError as e:
+            raise FormatError(f"{path}: model.weights.h5 in the archive is unreadable ({e})") from None
     try:
         with h5py.File(path, "r") as f:
             if "model_config" not in f.attrs:
@@ -558,6 +561,9 @@ def _convert(cfg, store, where) -> Model:
             v.shape = shapes[v.name]
         b.vals[lay.name] = v
     out = b.vals[out_name]
+    if out.flat is not None:
+        raise ConversionError(f"{where}: the model output is a Flatten of an (H, W, C) map; the IR would return its "
+                              "features in (C, H, W) order, so add the consuming Dense layer or a global pooling")
     if out.pad is not None:
         raise ConversionError(f"{where}: the model ends with a ZeroPadding2D, which the IR cannot represent")
     if out.name == in_name:
@@ -583,14 +589,18 @@ def read(src) -> Model:
         For an unreadable file.
     """
     if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        cfg, store = _read_file(path)
-        return _convert(cfg, store, path)
-    if hasattr(src, "get_config") and hasattr(src, "layers"):
-        cfg, store = _read_live(src)
-        return _convert(cfg, store, f"model {src.name!r}")
-    raise ConversionError(f"cannot read a Keras model from {type(src).__name__} (give a .keras / .h5 path or a "
-                          "keras.Model)")
+        where, load = os.fspath(src), _read_file
+    elif hasattr(src, "get_config") and hasattr(src, "layers"):
+        where, load = f"model {src.name!r}", _read_live
+    else:
+        raise ConversionError(f"cannot read a Keras model from {type(src).__name__} (give a .keras / .h5 path or "
+                              "a keras.Model)")
+    try:
+        cfg, store = load(where if load is _read_file else src)
+        return _convert(cfg, store, where)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ConversionError(f"{where}: malformed or unexpected Keras model config "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def export(src, path) -> None:

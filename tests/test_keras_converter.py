@@ -295,10 +295,39 @@ def test_flatten_into_non_dense_and_lstm(tmp_path):
     km = keras.Sequential([keras.Input((5, 3)), L.LSTM(2, name="rnn")])
     with pytest.raises(ConversionError):
         ck.read(km)
+    km = keras.Sequential([keras.Input((4, 4, 2)), L.Conv2D(3, 1, name="c"), L.Flatten(name="f_out")])
+    with pytest.raises(ConversionError, match="Flatten"):  # IR would return (C, H, W) order
+        ck.read(km)
     i = keras.Input((6, 6, 3))
     km = keras.Model(i, L.Conv2D(2, 3, data_format="channels_first", name="cf")(i))
     with pytest.raises(ConversionError, match="cf.*channels_first"):
         ck.read(km)
+
+
+def test_bad_files_are_udfc_errors(saved, tmp_path):
+    import zipfile
+
+    from udfc_ref.errors import FormatError
+
+    p = str(tmp_path / "junk.keras")
+    open(p, "wb").write(b"not a model")
+    with pytest.raises(FormatError):
+        ck.read(p)
+    with pytest.raises(FormatError):
+        ck.read(str(tmp_path / "missing.keras"))
+    q = str(tmp_path / "broken.keras")
+    with zipfile.ZipFile(saved["gap"]["keras"]) as z, zipfile.ZipFile(q, "w") as out:
+        cfg = json.loads(z.read("config.json"))
+        del cfg["config"]["layers"][1]["config"]["kernel_size"]
+        out.writestr("config.json", json.dumps(cfg))
+        out.writestr("model.weights.h5", z.read("model.weights.h5"))
+    with pytest.raises(ConversionError, match="kernel_size"):
+        ck.read(q)
+    r = str(tmp_path / "noweights.keras")
+    with zipfile.ZipFile(r, "w") as out:
+        out.writestr("config.json", json.dumps(cfg))
+    with pytest.raises(FormatError, match="model.weights.h5"):
+        ck.read(r)
 
 
 # ---------------------------------------------------------------- to_model
