@@ -609,3 +609,21 @@ def test_cli_usage_error_is_exit_2(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["compress", "--prune-ratio"])
     assert ei.value.code == 2
+
+
+# ------------------------------------- strictness never rejects a file we write
+
+@pytest.mark.parametrize("bits,asym,per_tensor", [(2, False, False), (4, True, False), (6, True, True),
+                                                 (8, False, True), (8, True, False), (16, True, False),
+                                                 (16, False, False)])
+def test_compressed_files_round_trip(tmp_path, bits, asym, per_tensor):
+    small, _ = udfc_ref.compress(resnet_block(), prune_ratio=0.5, weight_bits=bits, asymmetric=asym,
+                                 per_tensor=per_tensor)
+    p = tmp_path / "c.safetensors"
+    udfc_ref.save(small, p)
+    got = udfc_ref.load(p)
+    assert got.record == json.loads(json.dumps(small.record))
+    for k, v in small.tensors.items():
+        assert got.tensors[k].tobytes() == v.tobytes(), k
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(got.forward(x), small.forward(x))
