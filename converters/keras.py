@@ -767,6 +767,9 @@ def save_keras(src_path, out_path) -> None:
     os.close(fd)
     try:
         km.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, out_path)
     except BaseException:
         try:
