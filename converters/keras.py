@@ -356,10 +356,18 @@ class _Builder:
             return self.add(f"{lay.name}.{act}", act, [out])
         raise self.err(lay, f"activation {act!r} is not supported (relu, relu6 or linear)")
 
+    def nonnegative(self, value) -> bool:
+        """True when IR ``value`` is >= 0 by construction (relu / relu6, through max pools)."""
+        prod = {n.output: n for n in self.nodes}
+        p = prod.get(value)
+        while p is not None and p.op == "max_pool2d":
+            p = prod.get(p.inputs[0])
+        return p is not None and p.op in ("relu", "relu6")
+
     def check_input(self, lay, v: _Val, pad_ok=False, flat_ok=False):
         if v.pad is not None and not pad_ok:
-            raise self.err(lay, "follows a ZeroPadding2D; only a convolution or a valid average pooling can absorb "
-                                "the padding")
+            raise self.err(lay, "follows a ZeroPadding2D; only a convolution, a valid average pooling or a max "
+                                "pooling of a post-ReLU map can absorb the padding")
         if v.flat is not None and not flat_ok:
             raise self.err(lay, "consumes a Flatten of an (H, W, C) map; only Dense layers can take it (their "
                                 "columns are permuted to the IR's (C, H, W) order)")
@@ -485,7 +493,8 @@ class _Builder:
             return _Val(self.add(lay.name, act, [v.name]), None)
         if cls in ("MaxPooling2D", "AveragePooling2D"):
             avg = cls == "AveragePooling2D"
-            self.check_input(lay, v, pad_ok=avg)
+            # zeros are exact -inf padding for a nonnegative (post-ReLU) map, as in ResNet's pool1_pad
+            self.check_input(lay, v, pad_ok=avg or self.nonnegative(v.name))
             if len(v.shape) != 3:
                 raise self.err(lay, f"needs an (H, W, C) input, got IR shape {v.shape}")
             k = _pair(cfg.get("pool_size", 2), lay.name, "pool_size")

@@ -107,11 +107,14 @@ def functional_net():
 
 
 def gap_net():
-    """GlobalAveragePooling2D without keepdims straight into Dense, Dense with relu."""
+    """ZeroPadding2D -> MaxPooling2D after a ReLU (ResNet's pool1_pad), GlobalAveragePooling2D
+    without keepdims straight into Dense, Dense with relu."""
     i = keras.Input((6, 6, 3), name="x")
     t = L.Conv2D(5, 3, name="c")(i)
     t = L.BatchNormalization(name="bn")(t)
     t = L.ReLU(name="r")(t)
+    t = L.ZeroPadding2D(1, name="pool_pad")(t)
+    t = L.MaxPooling2D(3, strides=2, name="pool")(t)
     t = L.GlobalAveragePooling2D(name="gap")(t)
     t = L.Dense(6, activation="relu", name="fc1")(t)
     return randomise(keras.Model(i, L.Dense(3, name="fc2")(t)), 3)
@@ -286,6 +289,13 @@ def test_unsupported_layer_named(tmp_path, layer, words):
             ck.read(src)
         for w in words:
             assert w in str(e.value)
+
+
+def test_zero_padding_before_max_pool_needs_relu():
+    km = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(2, 1, name="c"), L.ZeroPadding2D(1, name="zp"),
+                           L.MaxPooling2D(3, 2, name="mp")])
+    with pytest.raises(ConversionError, match="'mp'.*ZeroPadding2D"):  # zeros may beat negative values
+        ck.read(km)
 
 
 def test_flatten_into_non_dense_and_lstm(tmp_path):
