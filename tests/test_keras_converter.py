@@ -236,6 +236,22 @@ def test_keras2_style_config(saved, tmp_path):
             lj["inbound_nodes"] = [[[n, 0, 0, {}] for n in names]] if names else []
         cfg["config"]["output_layers"] = [cfg["config"]["output_layers"]]
         f.attrs["model_config"] = json.dumps(cfg)
+        # tf.keras 2 weight names: <layer>/<layer>/kernel:0, depthwise_kernel:0; list them in reverse so
+        # that only name matching (not the order) assigns them correctly
+        g = f["model_weights"]
+        for lname in [n.decode() if isinstance(n, bytes) else n for n in g.attrs["layer_names"]]:
+            lg = g[lname]
+            names = [n.decode() if isinstance(n, bytes) else n for n in lg.attrs["weight_names"]]
+            new = []
+            for wn in names:
+                data = lg[wn][()]
+                del lg[wn]
+                suffix = wn.split("/")[-1]
+                if lname == "dw" and suffix == "kernel":
+                    suffix = "depthwise_kernel"
+                lg[f"{lname}/{suffix}:0"] = data
+                new.append(f"{lname}/{suffix}:0")
+            lg.attrs["weight_names"] = [n.encode() for n in new[::-1]]
     assert rel(ck.read(p).forward(nchw(s["x"])), s["y"]) <= TOL
 
 
