@@ -1,0 +1,113 @@
+"""Smoke runs of the benchmark scripts (train -> accuracy -> audit) on tiny data.
+
+Each script's ``main`` is called in-process with its ``--smoke`` option into
+``tmp_path``; the committed model files are checked to reproduce the
+accuracy recorded at training time.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke_models(tmp_path_factory):
+    """A 1-epoch, 200-sample vgg_digits trained and exported by train.py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    out = tmp_path_factory.mktemp("models")
+    train = _script("train")
+    assert train.main(["--smoke", "--models", "vgg_digits", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_smoke(smoke_models):
+    files = sorted(os.listdir(smoke_models))
+    assert "vgg_digits.safetensors" in files and "digits_test.npz" in files
+    with open(smoke_models / "train.json") as f:
+        info = json.load(f)["vgg_digits"]
+    assert info["epochs"] == 1
+    # the exported file reproduces the torch accuracy (same test split)
+    assert abs(info["test_top1_udfc_ref"] - info["test_top1_torch"]) <= 1 / 200 + 1e-9
+    import numpy as np
+
+    with np.load(smoke_models / "digits_test.npz") as f:
+        assert f["x"].dtype == np.float32 and f["x"].shape[1:] == (1, 8, 8) and f["y"].dtype == np.int64
+
+
+def test_shift_batch_is_a_shift():
+    import numpy as np
+
+    train = _script("train")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 1, 6, 6)).astype(np.float32)
+    y = train.shift_batch(x, np.random.default_rng(1), shift=2)
+    assert y.shape == x.shape
+    for i in range(5):  # each sample is x shifted by some (dy, dx) in [-2, 2]^2, borders = background
+        assert any(np.array_equal(y[i, :, max(0, -dy):6 - max(0, dy), max(0, -dx):6 - max(0, dx)],
+                                  x[i, :, max(0, dy):6 - max(0, -dy), max(0, dx):6 - max(0, -dx)])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_accuracy_smoke(smoke_models, tmp_path):
+    acc = _script("accuracy")
+    assert acc.main(["--smoke", "--model-dir", str(smoke_models), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["weight_bits"], r["prune_ratio"]) for r in rows] == [("udfc", "6", "0.3"), ("none", "6", "0.3")]
+    for r in rows:
+        assert 0.0 <= float(r["top1"]) <= 1.0
+        assert int(r["params"]) > 0 and int(r["macs"]) > 0
+    # pruning 30 % removes parameters and MACs
+    assert int(rows[0]["macs"]) < 379136
+    with open(tmp_path / "accuracy.json") as f:
+        assert len(json.load(f)) == 2
+
+
+def test_audit_smoke(smoke_models, tmp_path):
+    aud = _script("audit")
+    assert aud.main(["--smoke", "--model-dir", str(smoke_models), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "audit.json") as f:
+        rows = json.load(f)
+    assert rows, "no pairs audited"
+    for r in rows:
+        for k in ("before_model", "before_real", "nm_model", "nm_real", "udfc_model", "udfc_real", "oracle_real"):
+            assert math.isfinite(r[k]) and r[k] >= 0, (k, r)
+        # the oracle is the least-squares optimum of the same form on the same samples
+        assert r["oracle_real"] <= r["udfc_real"] + 1e-9
+        assert r["oracle_real"] <= r["before_real"] + 1e-9
+
+
+def test_committed_models_reproduce():
+    """The committed weight files give the accuracy recorded at training time."""
+    info_path = os.path.join(BENCH, "models", "train.json")
+    if not os.path.exists(info_path):
+        pytest.skip("benchmarks/models/train.json not committed")
+    sys.path.insert(0, ROOT)
+    import udfc_ref
+    from udfc_ref.evaluate import load_npz, top1
+
+    with open(info_path) as f:
+        info = json.load(f)
+    name = "vgg_digits" if "vgg_digits" in info else sorted(info)[0]
+    m = udfc_ref.load(os.path.join(BENCH, "models", f"{name}.safetensors"))
+    assert os.path.getsize(os.path.join(BENCH, "models", f"{name}.safetensors")) < 2_000_000
+    x, y = load_npz(os.path.join(BENCH, "models", f"{info[name]['data']}_test.npz"))
+    assert top1(m, x, y) == pytest.approx(info[name]["test_top1_udfc_ref"], abs=1e-12)
