@@ -627,3 +627,23 @@ def test_compressed_files_round_trip(tmp_path, bits, asym, per_tensor):
         assert got.tensors[k].tobytes() == v.tobytes(), k
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert np.array_equal(got.forward(x), small.forward(x))
+
+
+def test_deeply_nested_attribute_is_refused(tmp_path):
+    # found by probing: a 900-deep list in an (ignored) attribute loaded, then crashed copy()/save()
+    # with RecursionError
+    p = graph_case(tmp_path, lambda t, g: node(g, "c0")["attrs"].update(foo=json.loads("[" * 900 + "]" * 900)))
+    expect(p, GraphError, "'c0'", "'foo'", "flat list")
+
+
+def test_deeply_nested_record_is_refused(tmp_path):
+    t, meta, _ = parts()
+    meta["compression"] = '{"layers": ' + "[" * 900 + "]" * 900 + "}"
+    expect(write(tmp_path, t, meta), FormatError, "'compression'", "nested deeper")
+
+
+def test_unknown_flat_attribute_is_kept(tmp_path):
+    p = graph_case(tmp_path, lambda t, g: node(g, "c0")["attrs"].update(note="from keras", ceil=[1, 2]))
+    m = udfc_ref.load(p)
+    assert m.node("c0").attrs["note"] == "from keras"
+    assert udfc_ref.load(p).copy().node("c0").attrs["ceil"] == [1, 2]

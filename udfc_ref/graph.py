@@ -58,6 +58,10 @@ OPS = {
 CHANNELWISE_OPS = ("relu", "relu6", "identity", "max_pool2d", "avg_pool2d", "global_avg_pool")
 
 
+def _is_scalar(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, np.integer, np.floating, np.bool_))
+
+
 @dataclass
 class Node:
     """One operation of the graph."""
@@ -98,6 +102,10 @@ class Node:
             raise GraphError(f"node {name!r}: inputs must be a list of value names")
         if not isinstance(attrs, dict):
             raise GraphError(f"node {name!r}: attrs must be an object")
+        for k, v in attrs.items():
+            if not (_is_scalar(v) or (isinstance(v, (list, tuple)) and all(_is_scalar(x) for x in v))):
+                raise GraphError(f"node {name!r}: attribute {k!r} must be a number, string, bool or a flat list of "
+                                 f"them, got {type(v).__name__}")
         if not isinstance(params, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in params.items()
         ):

@@ -26,6 +26,9 @@ from .quantize import VALID_BITS, QuantizedTensor, pack_codes, qrange, unpack_co
 FORMAT = "udfc-ref"
 FORMAT_VERSION = "1"
 MAX_HEADER = 100 * 1024 * 1024
+#: the compression record is a few levels deep; deeper nesting would make
+#: copy.deepcopy / json.dumps hit the recursion limit later
+MAX_RECORD_DEPTH = 32
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
@@ -121,6 +124,19 @@ def _read_header(path) -> tuple[dict, int]:
         if dt not in _SAFETENSORS_DTYPES:
             raise FormatError(f"{path}: tensor {k!r} has an unknown dtype {dt!r}")
     return header, n
+
+
+def _depth(obj) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
 
 
 def _json_field(meta, key, path, default=None):
@@ -253,6 +269,8 @@ def load(path) -> Model:
         raise FormatError(f"{path}: metadata 'quantization' must be a JSON object")
     if record is not None and not isinstance(record, dict):
         raise FormatError(f"{path}: metadata 'compression' must be a JSON object")
+    if record is not None and _depth(record) > MAX_RECORD_DEPTH:
+        raise FormatError(f"{path}: metadata 'compression' is nested deeper than {MAX_RECORD_DEPTH} levels")
     if output is not None and not isinstance(output, str):
         raise FormatError(f"{path}: metadata 'output' must be a value name")
     try:
