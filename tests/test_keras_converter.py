@@ -453,3 +453,23 @@ def test_compressed_to_keras(saved, name):
     assert rel(predict(k, s["x"]), small.forward(nchw(s["x"]))) <= TOL
     # both sides count every weight, bias and BN tensor (gamma, beta, moving mean and variance)
     assert k.count_params() == small.param_count()
+
+
+def test_cli_import_compress_export(saved, tmp_path):
+    """`udfc import keras`, `udfc compress IN.keras` and `udfc export keras` end to end."""
+    from udfc_ref.cli import main
+
+    s = saved["sequential"]
+
+    def udfc(*args):
+        assert main(list(args)) == 0
+
+    imp, small, back = (str(tmp_path / n) for n in ("m.safetensors", "small.safetensors", "small.keras"))
+    udfc("import", "keras", s["h5"], imp)
+    assert rel(udfc_ref.load(imp).forward(nchw(s["x"])), s["y"]) <= TOL
+    udfc("compress", "--prune-ratio", "0.3", "--weight-bits", "6", s["keras"], small)
+    udfc("export", "keras", small, back)
+    sm = udfc_ref.load(small)
+    k = keras.saving.load_model(back)
+    assert rel(predict(k, s["x"]), sm.forward(nchw(s["x"]))) <= TOL
+    assert k.count_params() == sm.param_count() < ck.read(s["keras"]).param_count()
