@@ -12,6 +12,12 @@ from .errors import NumericError
 
 
 def check_numbers(model) -> None:
+    """Raise NumericError naming the first unusable tensor of ``model``.
+
+    Checks every parameter tensor a node uses for NaN/Inf, and every
+    batch_norm for ``running_var >= 0`` and ``running_var + eps > 0``
+    (evaluated in float64, so a float16 variance is judged by its value, not
+    by an underflowing sum)."""
     used = {}
     for n in model.nodes:
         for role, t in n.params.items():
@@ -24,7 +30,7 @@ def check_numbers(model) -> None:
     for n in model.nodes:
         if n.op != "batch_norm":
             continue
-        var = model.param(n, "running_var")
+        var = np.asarray(model.param(n, "running_var"), dtype=np.float64)
         if np.any(var < 0):
             i = int(np.flatnonzero(var < 0)[0])
             raise NumericError(f"tensor {n.params['running_var']!r} (node {n.name!r}): running variance is negative "
@@ -32,4 +38,4 @@ def check_numbers(model) -> None:
         if np.any(var + n.attrs["eps"] <= 0):
             i = int(np.flatnonzero(var + n.attrs["eps"] <= 0)[0])
             raise NumericError(f"tensor {n.params['running_var']!r} (node {n.name!r}): running variance is 0 in "
-                               f"channel {i} and eps is 0 (division by zero)")
+                               f"channel {i} and eps is {n.attrs['eps']:g} (division by zero)")
