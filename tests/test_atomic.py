@@ -206,3 +206,20 @@ def test_write_bytes_atomic_replaces_whole_file(tmp_path):
     write_bytes_atomic(p, b"a" * 1000)
     write_bytes_atomic(p, b"bc")
     assert p.read_bytes() == b"bc" and listing(tmp_path) == ["f.bin"]
+
+
+def test_new_output_gets_normal_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "new.bin", b"x")
+    finally:
+        os.umask(mask)
+    assert os.stat(tmp_path / "new.bin").st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+
+
+def test_replaced_output_keeps_its_mode(tmp_path):
+    p = tmp_path / "old.bin"
+    p.write_bytes(b"old")
+    os.chmod(p, 0o640)
+    write_bytes_atomic(p, b"new")
+    assert p.read_bytes() == b"new" and os.stat(p).st_mode & 0o777 == 0o640

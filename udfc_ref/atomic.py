@@ -37,6 +37,30 @@ def _probe_writable(d: str) -> None:
         pass
 
 
+def _final_mode(path: str) -> int:
+    """The mode of the file being replaced, else 0o666 minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def _fsync_dir(d: str) -> None:
+    """Best effort: make the rename itself durable."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_output_path(path, inputs=()) -> str:
     """Validate an output path before any work is done.
 
@@ -82,10 +106,12 @@ def write_bytes_atomic(path, data: bytes) -> None:
         raise OptionError(f"cannot write {path!r}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _final_mode(path))  # mkstemp makes 0o600; an output should be readable as usual
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(d)
     except BaseException as e:
         try:
             os.unlink(tmp)
