@@ -385,9 +385,9 @@ class _Converter:
             nd = len(self.shape(xs[0]))
             if dim < 0:
                 dim += nd
-            if dim != 1 or nd != 4:
+            if dim != 1 or nd not in (2, 4):
                 raise ConversionError(f"{w}: torch.cat on dim {dim} of {nd}-D tensors is not supported "
-                                      "(only the channel axis of NCHW)")
+                                      "(only the channel / feature axis 1 of NCHW or (N, F) tensors)")
             if len(xs) == 1:
                 self.alias(n, xs[0])
             else:
@@ -904,6 +904,7 @@ def save_torchscript(src_path, out_path) -> None:
     try:
         with warnings.catch_warnings():  # scripting empty container modules warns harmlessly
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks TorchScript deprecated
             sm = torch.jit.script(gm)
     except Exception:  # fall back to tracing (fixed input shape)
         x = torch.zeros((1,) + tuple(model.input_shape), dtype=next(iter(gm.parameters())).dtype)
@@ -912,5 +913,7 @@ def save_torchscript(src_path, out_path) -> None:
         except Exception as e:
             raise ConversionError(f"cannot convert the model to TorchScript: {type(e).__name__}: {e}") from None
     buf = _io.BytesIO()
-    torch.jit.save(sm, buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(sm, buf)
     write_bytes_atomic(out_path, buf.getvalue())

@@ -20,6 +20,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+# One intra-op thread: these nets are tiny, and on a loaded 2-core machine
+# torch's thread pool spins and makes a 10 ms forward take over a second.
+torch.set_num_threads(1)
+
 INPUT_SHAPE = (3, 64, 64)
 BATCH = 2
 
