@@ -121,6 +121,9 @@ class _Converter:
         name = n.target if n.op == "call_module" else n.name
         if name in self.used_names:
             name = n.name
+        base, i = name, 1
+        while name in self.used_names:
+            name, i = f"{base}_{i}", i + 1
         self.used_names.add(name)
         return name
 
@@ -351,7 +354,8 @@ class _Converter:
                 return a[i]
             return kw.get(name, default)
 
-        if is_(operator.getitem, getattr, names=("size", "dim")):
+        if is_(names=("size", "dim")) or (is_(getattr) and len(a) == 2 and a[1] == "shape") or (
+                is_(operator.getitem) and isinstance(a[0], torch.fx.Node) and a[0].name in self.meta):
             # x.size(0), x.shape[0], x.shape: only used as view/reshape arguments
             self.meta.add(n.name)
             return
