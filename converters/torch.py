@@ -163,7 +163,8 @@ class _Converter:
         except Exception as e:  # fx raises many types (TraceError, TypeError ...)
             raise ConversionError(f"torch.fx cannot trace {type(self.root).__name__}: {type(e).__name__}: {e} "
                                   "(data-dependent control flow is not supported)") from None
-        x = torch.randn((2,) + self.input_shape, generator=torch.Generator().manual_seed(0))
+        x = torch.randn((2,) + self.input_shape, generator=torch.Generator().manual_seed(0),
+                        dtype=_param_dtype(self.root))
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(x)
@@ -468,14 +469,24 @@ def _unwrap(module):
     return module
 
 
+def _param_dtype(module):
+    """The floating dtype of the module's first parameter (float32 if none)."""
+    torch = _torch()
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _check_forward(model, module, input_shape):
     """Raise ConversionError if the NumPy forward of ``model`` differs from the torch forward."""
     torch = _torch()
-    x = torch.randn((2,) + tuple(input_shape), generator=torch.Generator().manual_seed(1234))
+    x = torch.randn((2,) + tuple(input_shape), generator=torch.Generator().manual_seed(1234),
+                    dtype=_param_dtype(module))
     with torch.no_grad():
         ref = module(x)
     ref = ref.detach().cpu().numpy().astype(np.float64)
-    got = np.asarray(model.forward(x.numpy().astype(np.float32)), dtype=np.float64)
+    got = np.asarray(model.forward(x.numpy()), dtype=np.float64)
     if got.shape != ref.shape:
         raise ConversionError(f"conversion check failed: the converted model outputs {got.shape}, torch outputs "
                               f"{ref.shape}")

@@ -332,3 +332,15 @@ def test_compressed_round_trip(family, tmp_path):
     ct.save_torchscript(path, pt)
     with torch.no_grad():
         assert rel_err(torch.jit.load(str(pt))(x).numpy(), ref) <= RTOL
+
+
+def test_float64_module_and_training_flag_restored():
+    net = families.randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()), 0)
+    net = net.double().train()
+    model = ct.to_udfc(net, (3, 8, 8))
+    assert net.training  # the caller's mode is restored
+    assert {v.dtype for v in model.tensors.values()} == {np.dtype(np.float64)}
+    back = ct.to_module(model)
+    assert next(back.parameters()).dtype == torch.float64
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert rel_err(run(back, x), run(net.eval(), x)) <= 1e-12
