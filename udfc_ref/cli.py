@@ -21,6 +21,9 @@ EPILOG = """examples:
   udfc compress in.safetensors out.safetensors --prune-ratio 0.3 --weight-bits 6 --method udfc
   udfc eval out.safetensors --data test.npz   top-1 accuracy (arrays x: N,C,H,W float; y: N int)
   udfc import keras model.keras model.safetensors
+  udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6              Keras in, Keras out
+  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 \
+       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, TorchScript out
 """
 
 
@@ -69,15 +72,43 @@ def compress_kwargs(a) -> dict:
                 alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep)
 
 
-def read_model(path: str):
-    """A udfc-ref file, or a Keras .keras/.h5 file converted on the fly."""
+def read_model(path: str, torch_module=None, input_shape=None):
+    """A udfc-ref file; a Keras .keras/.h5 file converted on the fly; or, with
+    ``torch_module``, a PyTorch module (spec ``pkg.mod:attr``) whose weights are
+    ``path`` (a state_dict in .safetensors/.pt/.pth)."""
     from .io import load
 
+    if torch_module is not None:
+        if input_shape is None:
+            raise UDFCError("--torch-module needs --input-shape C,H,W")
+        from converters import torch as ct  # noqa: PLC0415
+
+        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape)
     if path.endswith((".keras", ".h5", ".hdf5")):
         from converters import keras as ck  # noqa: PLC0415
 
         return ck.read(path)
+    if path.endswith((".pt", ".pth")):
+        raise UDFCError(f"{path}: a PyTorch file needs its module: add --torch-module pkg.mod:Net --input-shape C,H,W")
     return load(path)
+
+
+def write_model(model, path: str, input_path=None) -> None:
+    """Save as udfc-ref (.safetensors, default), Keras (.keras) or TorchScript (.pt/.pth)."""
+    from .atomic import check_output_path
+    from .io import save
+
+    check_output_path(path, inputs=(input_path,))
+    if path.endswith(".keras"):
+        from converters import keras as ck  # noqa: PLC0415
+
+        ck.save_keras(model, path)
+    elif path.endswith((".pt", ".pth")):
+        from converters import torch as ct  # noqa: PLC0415
+
+        ct.save_torchscript(model, path)
+    else:
+        save(model, path, input_path=input_path)
 
 
 # ------------------------------------------------------------------ commands
@@ -121,14 +152,13 @@ def cmd_eval(a) -> int:
 def cmd_compress(a) -> int:
     from . import compress
     from .atomic import check_output_path
-    from .io import save
 
     check_output_path(a.output, inputs=(a.input,))
     if a.report:
         check_output_path(a.report, inputs=(a.input, a.output))
-    m = read_model(a.input)
+    m = read_model(a.input, a.torch_module, a.input_shape)
     small, rep = compress(m, progress=True, **compress_kwargs(a))
-    save(small, a.output, input_path=a.input)
+    write_model(small, a.output, input_path=a.input)
     print(rep.format())
     print(f"wrote {a.output}")
     if a.report:
@@ -198,10 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compress", help="prune and/or quantize a model without data",
                        description="Prune and/or quantize a model without data; the next layer of every pruned "
                                    "layer is rewritten to compensate (see docs/derivation.md).",
-                       epilog="example: udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
-                              "--weight-bits 6 --method udfc --report report.json")
-    s.add_argument("input", help="udfc-ref .safetensors file, or a Keras .keras/.h5 file")
-    s.add_argument("output", help="compressed udfc-ref .safetensors file (written atomically; never the input)")
+                       epilog="examples:\n  udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
+                              "--weight-bits 6 --method udfc --report report.json\n"
+                              "  udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6\n"
+                              "  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 "
+                              "--prune-ratio 0.3 --weight-bits 6",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("input", help="udfc-ref .safetensors file, a Keras .keras/.h5 file, or PyTorch weights "
+                                 "(with --torch-module)")
+    s.add_argument("output", help="where to write the compressed model (atomically; never the input): "
+                                  ".safetensors udfc-ref file, .keras Keras model, or .pt/.pth TorchScript")
+    g = s.add_argument_group("PyTorch input")
+    g.add_argument("--torch-module", metavar="SPEC",
+                   help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape for tracing the PyTorch module")
     add_compress_options(s)
     s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     s.set_defaults(func=cmd_compress)
