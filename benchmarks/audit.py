@@ -24,7 +24,9 @@ The measured error is Eq. E2 with the expectations replaced by sample means:
 The oracle fits ``T, t`` by least squares on the same real activations, in
 the same reconstruction form (pruned rows on all kept channels plus an
 intercept; kept rows one scale plus an intercept), and reports its E2: the
-best any method of this form could do on these samples.
+best any method of this form could do on these samples. ``energy`` is the
+weighted variance of the rebuilt activations over the original's (< 1:
+the reconstruction shrinks the signal).
 
 Writes ``<out>/audit.csv`` / ``audit.json`` and prints one table per model.
 
@@ -59,7 +61,7 @@ from udfc_ref.datamodel import bn_affine  # noqa: E402
 from udfc_ref.evaluate import load_npz  # noqa: E402
 from udfc_ref.pairs import find_pairs  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits")
+MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist")
 
 
 @contextlib.contextmanager
@@ -128,6 +130,14 @@ def _e2(a, ahat, w):
     num = w @ ((a - ahat) ** 2).mean(0)
     den = w @ (a**2).mean(0)
     return float(num / den) if den > 0 else 0.0
+
+
+def _energy(a, ahat, w):
+    """Weighted variance of the rebuilt activations over that of the originals:
+    sum_i w_i Var ahat_i / sum_i w_i Var a_i (1 = the signal's energy kept;
+    least squares gives < 1, it regresses towards the mean)."""
+    den = w @ a.var(0)
+    return float(w @ ahat.var(0) / den) if den > 0 else 1.0
 
 
 def _oracle(a, aq, kept):
@@ -204,6 +214,7 @@ def audit_model(name, model, x, ratio, bits, bc=False, log=print) -> list[dict]:
             else:
                 row[f"{method}_model"] = lrm.error_after
                 row[f"{method}_real"] = _e2(a, ahat, w)
+                row[f"{method}_energy"] = _energy(a, ahat, w)
         row["oracle_real"] = _e2(a, _oracle(a, aq_u, kept), w)
         rows.append(row)
         log(f"  {name} {lr.layer}: before {row['before_model']:.3f}/{row['before_real']:.3f} "
@@ -219,13 +230,14 @@ def markdown(rows) -> str:
         rs = [r for r in rows if (r["model"], r["prune_ratio"], r["weight_bits"], r["bias_correction"]) == k]
         out.append(f"**{k[0]}**, prune {k[1]:g}, {k[2] or 'float'}{' bits' if k[2] else ''}"
                    f"{', bias correction' if k[3] else ''} ({rs[0]['samples']:,} activation rows):\n")
-        out.append("| layer | channels | none: model / real | nm: model / real | udfc: model / real | oracle (real) |")
-        out.append("|---|---|---:|---:|---:|---:|")
+        out.append("| layer | channels | none: model / real | nm: model / real | udfc: model / real | oracle (real) "
+                   "| energy nm / udfc |")
+        out.append("|---|---|---:|---:|---:|---:|---:|")
         for r in rs:
             tag = " (dw chain)" if r["kind"] == "chain" else ""
             out.append(f"| {r['layer']}{tag} | {r['channels']} | {r['before_model']:.3f} / {r['before_real']:.3f} | "
                        f"{r['nm_model']:.3f} / {r['nm_real']:.3f} | {r['udfc_model']:.3f} / {r['udfc_real']:.3f} | "
-                       f"{r['oracle_real']:.3f} |")
+                       f"{r['oracle_real']:.3f} | {r['nm_energy']:.2f} / {r['udfc_energy']:.2f} |")
         out.append("")
     return "\n".join(out)
 

@@ -12,8 +12,8 @@ training mean / std (one scalar each). The test splits are written to
 
 Models (``--models``, comma separated):
 
-* ``vgg_mnist``, ``vgg_digits`` -- VGG-style conv-BN-ReLU chain, max pools,
-  flatten, one linear layer;
+* ``vgg_mnist``, ``vgg_small_mnist`` (half the width), ``vgg_digits`` --
+  VGG-style conv-BN-ReLU chain, max pools, flatten, one linear layer;
 * ``resnet_mnist`` -- ResNet-style: stem, basic blocks with stride-2 1x1
   conv+BN downsample branches, global pool, linear;
 * ``mobilenet_mnist`` -- MobileNetV2-style: inverted residuals (1x1 expand,
@@ -54,9 +54,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SEED = 0
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits")
+MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist")
 #: epochs of the full run per model
-EPOCHS = {"vgg_mnist": 25, "resnet_mnist": 20, "mobilenet_mnist": 25, "keras_mnist": 20, "vgg_digits": 40}
+EPOCHS = {"vgg_mnist": 20, "vgg_small_mnist": 25, "resnet_mnist": 20, "mobilenet_mnist": 25, "keras_mnist": 20, "vgg_digits": 40}
 SHIFT = 2  # augmentation: random shifts of up to +-SHIFT pixels
 
 
@@ -205,7 +205,8 @@ def _nets():
             return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
     return {
-        "vgg_mnist": (lambda: VGG((8, "M", 16, 16, "M", 32, 32, "M"), 28), "mnist", 3e-3),
+        "vgg_mnist": (lambda: VGG((16, "M", 32, 32, "M", 64, 64, "M"), 28), "mnist", 3e-3),
+        "vgg_small_mnist": (lambda: VGG((8, "M", 16, 16, "M", 32, 32, "M"), 28), "mnist", 3e-3),
         "vgg_digits": (lambda: VGG((16, 16, "M", 32, 32, "M"), 8), "digits", 3e-3),
         "resnet_mnist": (ResNet, "mnist", 3e-3),
         "mobilenet_mnist": (MobileNetV2, "mnist", 3e-3),
