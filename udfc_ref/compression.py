@@ -91,7 +91,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         return time.perf_counter()
 
     orig = model
-    out = model.copy()
+    out = model.copy(share_tensors=True)  # every rewrite below replaces arrays, never writes into them
     pairs, unpruned = find_pairs(orig)
     pairs = [p for p in pairs if p.name not in skip]
     if prune_ratio == 0 and weight_bits is None:
@@ -99,7 +99,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     for s in skip:
         unpruned[s] = "skipped by request"
     t = time.perf_counter()
-    dm = DataModel(orig) if pairs or (weight_bits is not None and bias_correction) else None
+    dm = DataModel(orig, lazy=True) if pairs or (weight_bits is not None and bias_correction) else None
     t = tick("data model", t)
 
     qkw = dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip)
@@ -124,6 +124,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 eps = _quantize_layer(out, node, bits, qkw, quantized)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
+            if dm is not None:
+                dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
             note = unpruned.get(onode.name, "") if n_now == n_out else "depthwise, pruned with its producer"
             reports.append(LayerReport(onode.name, onode.op, n_out, n_now, bits, n_now != n_out, note=note))
@@ -151,7 +153,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             in_kept[dw.name] = kept
             if eps_w is not None and bias_correction:
                 _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
-            st = chain_stats(dm.values[pair.value], kept)
+            st = chain_stats(dm.value(pair.value), kept)
         else:
             st = _pair_stats(orig, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
                              out if bias_correction else None, node)
@@ -179,6 +181,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if pair.dw is not None:
             record_layers[onode.name]["depthwise"] = pair.dw.name
         reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
+        dm.release(onode.name)
         t = tick("rewrite", t)
     if bar is not None:
         bar.update(len(layer_nodes))
@@ -218,7 +221,7 @@ def _pair_stats(orig, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, n
             Wq[:, ik, :] += E
         if bc_model is not None:
             extra = -_bias_correct(bc_model, node, eps_w, dm, onode, ik)
-    return pair_stats(Wd, Wq, dm.inputs[onode.name], gamma, beta, pair.act, kept, extra_shift=extra)
+    return pair_stats(Wd, Wq, dm.input_model(onode.name), gamma, beta, pair.act, kept, extra_shift=extra)
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
@@ -236,7 +239,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
 def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> np.ndarray:
     """Eq. B1 (DFQ bias correction): the quantized layer's output has the
     extra mean eps . E[x]; remove it.  Returns the removed shift (O,)."""
-    im = dm.inputs.get(onode.name) if dm is not None else None
+    im = dm.input_model(onode.name) if dm is not None else None
     if im is None:
         return np.zeros(eps_w.shape[0])
     m = im.mean_c if in_kept is None else im.mean_c[in_kept]

@@ -205,16 +205,61 @@ class DataModel:
 
     ``inputs[node]`` is the :class:`InputModel` of each conv/linear layer and
     ``values[name]`` the :class:`ValueStats` of each value (None when
-    unknown, e.g. after a flatten)."""
+    unknown, e.g. after a flatten).
 
-    def __init__(self, model: Model):
+    With ``lazy=True`` nothing is computed up front: :meth:`advance_to`
+    propagates up to a node, the statistics of a value are dropped as soon as
+    every node reading it has been propagated, and :meth:`release` drops a
+    layer's input model once its caller is done with it -- so memory holds
+    only the frontier of the graph, not every N x N covariance at once."""
+
+    def __init__(self, model: Model, lazy: bool = False):
         self.model = model
         self.values: dict[str, ValueStats | None] = {}
         self.inputs: dict[str, InputModel] = {}
+        self.lazy = lazy
         c = model.input_shape[0]
         self.values[model.input_name] = ValueStats(np.zeros(c), np.eye(c))
-        for n in model.nodes:
+        self._index = {n.name: i for i, n in enumerate(model.nodes)}
+        self._last_use: dict[str, int] = {}
+        for i, n in enumerate(model.nodes):
+            for v in n.inputs:
+                self._last_use[v] = i
+            if n.op == "linear":  # a linear after a flatten reads the flatten's input statistics
+                p = model.producer(n.inputs[0])
+                if p is not None and p.op == "flatten":
+                    self._last_use[p.inputs[0]] = max(self._last_use.get(p.inputs[0], i), i)
+        self._done = 0
+        if not lazy:
+            self.advance_to(model.nodes[-1].name if model.nodes else None)
+
+    def advance_to(self, node_name) -> None:
+        """Propagate the statistics through ``node_name`` (inclusive)."""
+        if node_name is None:
+            return
+        stop = self._index[node_name]
+        while self._done <= stop:
+            n = self.model.nodes[self._done]
             self.values[n.output] = self._propagate(n)
+            if self.lazy:
+                for v in n.inputs:
+                    if self._last_use.get(v) == self._done:
+                        self.values.pop(v, None)
+            self._done += 1
+
+    def input_model(self, node_name: str) -> InputModel | None:
+        self.advance_to(node_name)
+        return self.inputs.get(node_name)
+
+    def value(self, value_name: str) -> ValueStats | None:
+        p = self.model.producer(value_name)
+        if p is not None:
+            self.advance_to(p.name)
+        return self.values.get(value_name)
+
+    def release(self, node_name: str) -> None:
+        if self.lazy:
+            self.inputs.pop(node_name, None)
 
     def _propagate(self, n: Node) -> ValueStats | None:
         m = self.model

@@ -303,9 +303,12 @@ class Model:
     def consumers(self, value: str) -> list[Node]:
         return [n for n in self.nodes if value in n.inputs]
 
-    def copy(self) -> "Model":
+    def copy(self, share_tensors: bool = False) -> "Model":
+        """A copy with its own nodes and records; the tensors are copied too
+        unless ``share_tensors`` (then the arrays are the same objects, for a
+        caller that only ever *replaces* tensors, never writes into them)."""
         m = Model.__new__(Model)
-        m.tensors = {k: np.array(v, copy=True) for k, v in self.tensors.items()}
+        m.tensors = dict(self.tensors) if share_tensors else {k: np.array(v, copy=True) for k, v in self.tensors.items()}
         m.nodes = [Node.from_json(n.to_json(), i) for i, n in enumerate(self.nodes)]
         m.input_name = self.input_name
         m.input_shape = self.input_shape

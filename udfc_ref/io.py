@@ -150,21 +150,46 @@ def _json_field(meta, key, path, default=None):
         raise FormatError(f"{path}: metadata field {key!r} is not valid JSON") from None
 
 
-def _read_tensors(path) -> dict[str, np.ndarray]:
-    try:
-        from safetensors import safe_open
+_NP_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4",
+              "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
 
-        raw = {}
-        with safe_open(path, framework="np") as f:
-            for k in f.keys():
-                raw[k] = f.get_tensor(k)
-        return raw
-    except _PASS_THROUGH:
-        raise
-    except UDFCError:
-        raise
-    except BaseException as e:  # SafetensorError, ValueError, or a pyo3 PanicException (a BaseException)
-        raise FormatError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+
+def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file whose header :func:`_read_header`
+    checked: the data section is read once into one writable buffer and each
+    tensor is a view of it (no second copy of the weights in memory)."""
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    end = 0
+    for k, v in entries:
+        start, stop = v["data_offsets"]
+        if start < end:
+            raise FormatError(f"{path}: tensor {k!r} overlaps the tensor before it in the file")
+        end = stop
+        dt = _NP_DTYPES.get(v["dtype"])
+        if dt is None:
+            raise FormatError(f"{path}: tensor {k!r} has dtype {v['dtype']}, which udfc-ref does not read")
+        n = 1
+        for d in v["shape"]:
+            n *= d
+        if n * np.dtype(dt).itemsize != stop - start:
+            raise FormatError(f"{path}: tensor {k!r} has {stop - start} bytes, but shape {v['shape']} of "
+                              f"{v['dtype']} needs {n * np.dtype(dt).itemsize}")
+    try:
+        with open(path, "rb") as f:
+            f.seek(8 + header_len)
+            buf = bytearray(end)
+            got = f.readinto(buf)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    if got != end:
+        raise FormatError(f"{path}: the file ended while reading tensor data (truncated?)")
+    out = {}
+    for k, v in entries:
+        start, stop = v["data_offsets"]
+        dt = np.dtype(_NP_DTYPES[v["dtype"]])
+        arr = np.frombuffer(buf, dtype=dt, count=(stop - start) // dt.itemsize, offset=start)
+        out[k] = arr.reshape(v["shape"]).astype(dt.newbyteorder("="), copy=False)
+    return out
 
 
 def _quantized(path, t, q, raw) -> QuantizedTensor:
@@ -244,7 +269,7 @@ def load(path) -> Model:
         raise FormatError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise FormatError(f"{path}: not a regular file")
-    header, _ = _read_header(path)
+    header, header_len = _read_header(path)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: no udfc-ref metadata (is this a plain safetensors weights file? "
@@ -278,7 +303,7 @@ def load(path) -> Model:
     except GraphError as e:
         raise GraphError(f"{path}: {e}") from None
 
-    raw = _read_tensors(path)
+    raw = _read_tensors(path, header, header_len)
     used = {t for n in nodes for t in n.params.values()}
     tensors, quant = {}, {}
     for t, q in qtable.items():
@@ -292,12 +317,12 @@ def load(path) -> Model:
         warnings.warn(f"{path}: {len(extra)} tensor(s) not used by the graph are ignored: {', '.join(extra[:5])}"
                       + (" ..." if len(extra) > 5 else ""), UserWarning, stacklevel=2)
     for k in sorted(used & set(raw)):
-        v = raw[k]
+        v = raw.pop(k)  # drop our reference as we go: the peak stays near one copy of the weights
         if v.dtype.name not in _FLOAT_DTYPES:
             role = next(f"node {n.name!r}, {r}" for n in nodes for r, x in n.params.items() if x == k)
             raise FormatError(f"{path}: tensor {k!r} ({role}) has dtype {v.dtype}; parameters must be "
                               "float16/32/64 (or listed in the quantization table)")
-        tensors[k] = np.array(v)  # writable copy
+        tensors[k] = np.require(v, requirements=["W", "C"])  # copies only when not writable / contiguous
     try:
         model = Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"],
                       output_name=output, record=record, quant=quant)
