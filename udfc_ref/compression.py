@@ -79,6 +79,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     Returns
     -------
     (compressed model, Report)
+        ``model`` is never modified.  Tensors the compression leaves unchanged
+        are shared with ``model`` (not copied), so write into neither in place.
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
