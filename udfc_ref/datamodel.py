@@ -104,8 +104,10 @@ class InputModel:
     def r_s(self) -> np.ndarray:
         return spatial_correlation(self.pos, self.rho_s)
 
-    def _apply(self, f: np.ndarray) -> np.ndarray:
-        """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only."""
+    def cov_times(self, f: np.ndarray) -> np.ndarray:
+        """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only.  Any Gram
+        matrix is then ``cov_times(F1).reshape(n1, -1) @ F2^T`` with F2 laid out
+        as (n2, K, C)."""
         n, c, k = f.shape
         a = (f.transpose(0, 2, 1).reshape(n * k, c) @ self.cov_c).reshape(n, k, c)
         if k > 1 and self.rho_s > 0:
@@ -113,11 +115,11 @@ class InputModel:
         return a
 
     def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
-        a = self._apply(f1)
+        a = self.cov_times(f1)
         return a.reshape(a.shape[0], -1) @ f2.transpose(0, 2, 1).reshape(f2.shape[0], -1).T
 
     def gram_diag(self, f: np.ndarray) -> np.ndarray:
-        a = self._apply(f)
+        a = self.cov_times(f)
         return np.einsum("nkc,nkc->n", a, f.transpose(0, 2, 1))
 
     def mean_dot(self, f: np.ndarray) -> np.ndarray:

@@ -63,11 +63,13 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
         channels (e.g. minus a bias correction); in the units of W x.
     """
     kept = np.asarray(kept)
-    G = im.gram_diag(W)
+    A = im.cov_times(W)  # (Sigma_x W^T) as (N, K, C), computed once
+    Wq_t = Wq.transpose(0, 2, 1).reshape(Wq.shape[0], -1)
+    G = np.einsum("nkc,nkc->n", A, W.transpose(0, 2, 1))
     s = np.sqrt(np.clip(G, 0, None))
-    Gq = im.gram(Wq, Wq)
+    Gq = im.cov_times(Wq).reshape(Wq.shape[0], -1) @ Wq_t.T
     sq = np.sqrt(np.clip(np.diag(Gq), 0, None))
-    Gx = im.gram(W, Wq)
+    Gx = A.reshape(A.shape[0], -1) @ Wq_t.T
     rho_q = _safe_div(Gq, np.outer(sq, sq))
     np.fill_diagonal(rho_q, 1.0)
     rho_x = _safe_div(Gx, np.outer(s, sq))
