@@ -84,12 +84,13 @@ def test_accuracy_smoke(smoke_models, tmp_path):
 def test_audit_smoke(smoke_models, tmp_path):
     aud = _script("audit")
     assert aud.main(["--smoke", "--model-dir", str(smoke_models), "--out", str(tmp_path)]) == 0
-    with open(tmp_path / "audit.json") as f:
+    with open(tmp_path / "audit_r0.3_6.json") as f:
         rows = json.load(f)
     assert rows, "no pairs audited"
     for r in rows:
         for k in ("before_model", "before_real", "nm_model", "nm_real", "udfc_model", "udfc_real", "oracle_real"):
             assert math.isfinite(r[k]) and r[k] >= 0, (k, r)
+        assert math.isfinite(r["udfc_post"]) and 0 < r["udfc_energy"]
         # the oracle is the least-squares optimum of the same form on the same samples
         assert r["oracle_real"] <= r["udfc_real"] + 1e-9
         assert r["oracle_real"] <= r["before_real"] + 1e-9
