@@ -1,8 +1,9 @@
 """NumPy forward pass of the graph ops (eval mode, NCHW).
 
-Convolutions are an im2col (``sliding_window_view``) followed by one matmul;
-grouped and depthwise convolutions are one batched matmul over the groups, no
-Python loop over channels.  Values are computed in the input's dtype
+Convolutions are an im2col (``sliding_window_view``) followed by a matmul (one
+per sample for groups = 1, written straight into the NCHW output); grouped and
+depthwise convolutions are one batched matmul over the groups, no Python loop
+over channels.  Values are computed in the input's dtype
 (float32 for models stored as float32).
 """
 
@@ -41,6 +42,15 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(
     if kh == kw == 1 and tuple(stride) == (1, 1) and groups == 1:
         ho, wo = xp.shape[2:]
         y = np.matmul(weight.reshape(o, c), xp.reshape(n, c, ho * wo)).reshape(n, o, ho, wo)
+    elif groups == 1:
+        # one (O, K) @ (K, Ho*Wo) matmul per sample writes NCHW directly (no output transpose)
+        win = _windows(xp, (kh, kw), stride, dilation)  # N, C, Ho, Wo, kh, kw
+        ho, wo = win.shape[2:4]
+        wmat = weight.reshape(o, c * kh * kw)
+        y = np.empty((n, o, ho, wo), dtype=np.result_type(x.dtype, weight.dtype))
+        for i in range(n):
+            cols = win[i].transpose(0, 3, 4, 1, 2).reshape(c * kh * kw, ho * wo)
+            np.matmul(wmat, cols, out=y[i].reshape(o, ho * wo))
     else:
         win = _windows(xp, (kh, kw), stride, dilation)  # N, C, Ho, Wo, kh, kw
         ho, wo = win.shape[2:4]
@@ -61,7 +71,9 @@ def batch_norm(x, gamma, beta, mean, var, eps):
     scale = (gamma / np.sqrt(var + eps)).astype(x.dtype)
     shift = (beta - mean * gamma / np.sqrt(var + eps)).astype(x.dtype)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    return x * scale.reshape(shape) + shift.reshape(shape)
+    y = x * scale.reshape(shape)
+    y += shift.reshape(shape)
+    return y
 
 
 def linear(x, weight, bias=None):
