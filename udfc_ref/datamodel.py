@@ -20,6 +20,7 @@ Assumptions (stated in ``docs/derivation.md``):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,6 +233,7 @@ class DataModel:
                 if p is not None and p.op == "flatten":
                     self._last_use[p.inputs[0]] = max(self._last_use.get(p.inputs[0], i), i)
         self._done = 0
+        self.seconds = 0.0  # time spent propagating, for the report's stage split
         if not lazy:
             self.advance_to(model.nodes[-1].name if model.nodes else None)
 
@@ -240,6 +242,7 @@ class DataModel:
         if node_name is None:
             return
         stop = self._index[node_name]
+        t0 = time.perf_counter()
         while self._done <= stop:
             n = self.model.nodes[self._done]
             self.values[n.output] = self._propagate(n)
@@ -248,6 +251,7 @@ class DataModel:
                     if self._last_use.get(v) == self._done:
                         self.values.pop(v, None)
             self._done += 1
+        self.seconds += time.perf_counter() - t0
 
     def input_model(self, node_name: str) -> InputModel | None:
         self.advance_to(node_name)
