@@ -108,7 +108,6 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         pairs = []  # nothing to do: the model is returned unchanged
     for s in skip:
         unpruned[s] = "skipped by request"
-    dm = None
     t = time.perf_counter()
     dm = DataModel(orig, lazy=True) if pairs or (weight_bits is not None and bias_correction) else None
     t = tick("data model", t)
@@ -182,7 +181,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             wc = orig.tensors[c.node.params["weight"]]
             cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
             weights += (cw**2).sum(axis=(0, 2))
-            absorb(out, out.node(c.node.name), T, tt, orig.tensors[c.node.params["weight"]].dtype)
+            absorb(out, out.node(c.node.name), T, tt, wc.dtype)
             in_kept[c.node.name] = kept
         denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
         err0 = float(weights @ objective(st, T0, t0_)) / denom
@@ -203,7 +202,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,
         "alpha2": alpha2, "bias_correction": bias_correction, "skip": skip, "min_keep": min_keep,
         "layers": record_layers, "quantized": quantized,
-        "unpruned": {k: v for k, v in unpruned.items()},
+        "unpruned": dict(unpruned),
     }
     out.validate()
     t = tick("validate", t)
