@@ -195,8 +195,25 @@ def test_serialisation_failure_writes_nothing(tmp_path, monkeypatch):
     def boom(model):
         raise RuntimeError("serialiser bug")
 
-    monkeypatch.setattr(udfc_ref.io, "to_bytes", boom)
+    monkeypatch.setattr(udfc_ref.io, "_chunks", boom)
     with pytest.raises(RuntimeError):
+        udfc_ref.save(vgg(), out)
+    assert out.read_bytes() == b"previous" and listing(tmp_path) == ["out.safetensors"]
+
+
+def test_failure_midway_through_a_streamed_write(tmp_path, monkeypatch):
+    """save streams the header and then each tensor; a failure after some of
+    them were written leaves the previous file and no temp file."""
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+    real = udfc_ref.io._chunks
+
+    def half(model):
+        chunks = real(model)
+        return chunks[:3] + [object()] + chunks[3:]  # f.write(object()) raises TypeError
+
+    monkeypatch.setattr(udfc_ref.io, "_chunks", half)
+    with pytest.raises(TypeError):
         udfc_ref.save(vgg(), out)
     assert out.read_bytes() == b"previous" and listing(tmp_path) == ["out.safetensors"]
 

@@ -93,8 +93,11 @@ def check_output_path(path, inputs=()) -> str:
     return path
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
+def write_bytes_atomic(path, data) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    ``data`` is a bytes-like object or a list of them (written in order, so a
+    large file can be streamed from existing buffers without joining them).
 
     On any failure the temp file is removed and a previous file at ``path`` is
     left as it was; an ``OSError`` is re-raised as OptionError."""
@@ -107,7 +110,8 @@ def write_bytes_atomic(path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _final_mode(path))  # mkstemp makes 0o600; an output should be readable as usual
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

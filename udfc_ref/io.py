@@ -32,10 +32,15 @@ MAX_RECORD_DEPTH = 32
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
-def to_bytes(model: Model) -> bytes:
-    """Serialise ``model`` to the bytes of a safetensors file."""
-    from safetensors.numpy import save
+_ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
+              "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64"}
 
+
+def _chunks(model: Model) -> list:
+    """The safetensors file as a list of buffers: the 8-byte header length,
+    the JSON header (space-padded to a multiple of 8), then each tensor's
+    little-endian bytes, contiguous, in the order of the header's offsets.
+    The tensors are not copied (memoryviews of the arrays)."""
     used = {t for n in model.nodes for t in n.params.values()}
     out: dict[str, np.ndarray] = {}
     qtable = {}
@@ -69,7 +74,25 @@ def to_bytes(model: Model) -> bytes:
         meta["quantization"] = json.dumps(qtable)
     if model.record is not None:
         meta["compression"] = json.dumps(model.record)
-    return save(out, metadata=meta)
+    header: dict = {"__metadata__": meta}
+    bufs, offset = [], 0
+    for name in sorted(out):
+        arr = out[name]
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arr = np.ascontiguousarray(arr)
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        bufs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    return [struct.pack("<Q", len(hb)), hb] + bufs
+
+
+def to_bytes(model: Model) -> bytes:
+    """Serialise ``model`` to the bytes of a safetensors file."""
+    return b"".join(_chunks(model))
 
 
 def save(model: Model, path, *, input_path=None) -> None:
@@ -78,7 +101,7 @@ def save(model: Model, path, *, input_path=None) -> None:
     ``input_path``, when given, is refused as the output (inputs are never
     overwritten)."""
     check_output_path(path, inputs=(input_path,))
-    write_bytes_atomic(path, to_bytes(model))
+    write_bytes_atomic(path, _chunks(model))  # streamed: no second copy of the weights
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
