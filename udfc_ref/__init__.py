@@ -7,7 +7,8 @@ Core API::
     small, report = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
     udfc_ref.save(small, "model.udfc.safetensors")
 
-Only NumPy and SciPy are imported here (safetensors for files); PyTorch and
+Only NumPy and SciPy are imported here (the safetensors container is read and
+written by ``io.py`` itself); PyTorch and
 Keras live in the optional ``converters`` package.
 """
 
