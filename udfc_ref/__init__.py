@@ -8,8 +8,8 @@ Core API::
     udfc_ref.save(small, "model.udfc.safetensors")
 
 Only NumPy and SciPy are imported here (the safetensors container is read and
-written by ``io.py`` itself); PyTorch and
-Keras live in the optional ``converters`` package.
+written by ``io.py`` itself); PyTorch and Keras live in the optional
+``converters`` package.
 """
 
 from .errors import ConversionError, FormatError, GraphError, NumericError, OptionError, UDFCError
