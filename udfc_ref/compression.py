@@ -1,6 +1,6 @@
 """``compress``: prune and quantize a model, compensating in closed form.
 
-Pipeline (derivation section 5): discover pairs (``pairs.py``), build the
+Pipeline (derivation section 9): discover pairs (``pairs.py``), build the
 data model from weights and BN statistics (``datamodel.py``), choose the
 kept channels of every pair (``select.py``), then walk the layers in
 topological order; each layer's weights are final when it is reached (its

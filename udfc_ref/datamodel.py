@@ -1,5 +1,5 @@
 """The data-free data model: Gaussian statistics of every value, from weights
-and BatchNorm statistics only (derivation section 2, Eq. D1-D5).
+and BatchNorm statistics only (derivation section 4, Eq. D1-D8).
 
 Assumptions (stated in ``docs/derivation.md``):
 

@@ -1,5 +1,5 @@
 """Compensation: the matrix T and intercept t that rebuild every channel of a
-pair from the kept (possibly quantized) channels (derivation sections 3-4).
+pair from the kept (possibly quantized) channels (derivation sections 6-7).
 
 Reconstruction form (Eq. R1): the original activations ``a`` (N channels) are
 estimated from the compressed kept activations ``a~_K`` as
