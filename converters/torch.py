@@ -799,6 +799,16 @@ def to_module(path_or_model):
     env = {model.input_name: graph.placeholder("x")}
     registered = set()
 
+    def install(path, module, node, roles):
+        """Copy ``node``'s tensors for ``roles`` into ``module`` and mount it at
+        ``path`` (its tensors then count as registered)."""
+        with torch.no_grad():
+            for role in roles:
+                if role in node.params:
+                    getattr(module, role).copy_(tens(node.params[role]))
+        put(path, module)
+        registered.update(node.params.values())
+
     def getp(name, buffer=False):
         if name not in registered:
             t = tens(name)
@@ -823,12 +833,7 @@ def to_module(path_or_model):
                 wt = model.tensors[n.params["weight"]]
                 conv = nn.Conv2d(wt.shape[1] * a["groups"], wt.shape[0], tuple(wt.shape[2:]), tuple(a["stride"]),
                                  tuple(p2), tuple(a["dilation"]), a["groups"], bias="bias" in n.params, dtype=dtype)
-                with torch.no_grad():
-                    conv.weight.copy_(tens(n.params["weight"]))
-                    if "bias" in n.params:
-                        conv.bias.copy_(tens(n.params["bias"]))
-                put(layer, conv)
-                registered.update(n.params.values())
+                install(layer, conv, n, ("weight", "bias"))
                 y = graph.call_module(layer, (x,))
             else:
                 b = getp(n.params["bias"]) if "bias" in n.params else None
@@ -838,12 +843,7 @@ def to_module(path_or_model):
             if layer is not None:
                 wt = model.tensors[n.params["weight"]]
                 lin = nn.Linear(wt.shape[1], wt.shape[0], bias="bias" in n.params, dtype=dtype)
-                with torch.no_grad():
-                    lin.weight.copy_(tens(n.params["weight"]))
-                    if "bias" in n.params:
-                        lin.bias.copy_(tens(n.params["bias"]))
-                put(layer, lin)
-                registered.update(n.params.values())
+                install(layer, lin, n, ("weight", "bias"))
                 y = graph.call_module(layer, (x,))
             else:
                 b = getp(n.params["bias"]) if "bias" in n.params else None
@@ -853,12 +853,8 @@ def to_module(path_or_model):
             if layer is not None:
                 cls = nn.BatchNorm2d if len(model.shapes[n.inputs[0]]) == 3 else nn.BatchNorm1d
                 bn = cls(c, eps=a["eps"], dtype=dtype)
-                with torch.no_grad():
-                    for role in _MODULE_ROLES["batch_norm"]:
-                        getattr(bn, role).copy_(tens(n.params[role]))
+                install(layer, bn, n, _MODULE_ROLES["batch_norm"])
                 bn.eval()
-                put(layer, bn)
-                registered.update(n.params.values())
                 y = graph.call_module(layer, (x,))
             else:
                 p = {r: getp(n.params[r], buffer=r.startswith("running")) for r in _MODULE_ROLES["batch_norm"]}
