@@ -105,3 +105,15 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert main(["--debug", "info", str(bad)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_demo_table_and_output(tmp_path, capsys):
+    out = tmp_path / "demo.safetensors"
+    assert main(["demo", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split(")")[0].split("(")[-1]: float(line.split()[2]) for line in text.splitlines()
+            if line.startswith("compressed (")}
+    assert set(rows) == {"none", "nm", "udfc"}
+    small = load(out)
+    assert small.record["method"] == "udfc" and small.record["prune_ratio"] == 0.3
+    assert main(["demo", "--output", str(tmp_path / "no" / "x.safetensors")]) == 1

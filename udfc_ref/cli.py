@@ -174,6 +174,10 @@ def cmd_demo(a) -> int:
     from .evaluate import top1
     from .examples import load_example, load_example_data
 
+    if a.output:
+        from .atomic import check_output_path
+
+        check_output_path(a.output)
     m = load_example()
     x, y = load_example_data()
     kw = compress_kwargs(a)
@@ -183,6 +187,7 @@ def cmd_demo(a) -> int:
     print(f"bundled example: digits CNN, {x.shape[0]} held-out 8x8 digits; "
           f"prune_ratio={kw['prune_ratio']} weight_bits={kw['weight_bits']}")
     rows = [("original", base, m.param_count(), m.weight_bytes(), m.flops(), 0.0, t_base)]
+    # the requested method comes last, so ``small`` is its model after the loop
     methods = [kw["method"]] if a.only else [mm for mm in ("none", "nm", "udfc") if mm != kw["method"]] + [kw["method"]]
     for meth in methods:
         kw2 = dict(kw, method=meth)
@@ -197,7 +202,6 @@ def cmd_demo(a) -> int:
     if a.output:
         from .io import save
 
-        small, _ = compress(m, **kw)
         save(small, a.output)
         print(f"wrote {a.output}")
     return 0
