@@ -155,6 +155,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if bits is not None:
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
+        Wd = dense_filters(orig, onode)  # (N, C, R) original filters, original coordinates
         if pair.dw is not None:
             # depthwise chain: the depthwise channel and its BN go with the producer channel
             dw = out.node(pair.dw.name)
@@ -165,14 +166,14 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
             st = chain_stats(dm.value(pair.value), kept)
         else:
-            st = _pair_stats(orig, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
+            st = _pair_stats(Wd, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
                              out if bias_correction else None, node)
         T0, t0_ = drop(st, n_out)
         if method == "udfc":
             T, tt = udfc(st, n_out, alpha1, alpha2)
         elif method == "nm":
             # on a depthwise chain, merging partners are chosen on the producer filters and BN
-            T, tt = neuron_merging(dense_filters(orig, onode), gamma, beta, mu, sigma, kept)
+            T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
         t = tick("solve", t)
@@ -217,10 +218,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     return out, rep
 
 
-def _pair_stats(orig, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
+def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
     """Eq. D4-D5: the pair's statistics, with the quantization error of the
-    kept filters embedded in the original input coordinates."""
-    Wd = dense_filters(orig, onode)  # (N, C, R)
+    kept filters embedded in the original input coordinates (``Wd``: the
+    original filters as (N, C, R))."""
     Wq = Wd[kept].copy()
     extra = None
     if eps_w is not None:
