@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -19,6 +19,9 @@ bits_st = st.sampled_from(VALID_BITS)
 
 @settings(max_examples=150, deadline=None)
 @given(w=weights, bits=bits_st, symmetric=st.booleans(), per_channel=st.booleans())
+# a float32-subnormal scale: rounded to nearest it would clip the range
+@example(w=np.full((1, 1, 1, 1), 1.1754944e-38, np.float32), bits=16, symmetric=False, per_channel=False)
+@example(w=np.full((1, 1, 1, 1), 1.1754944e-38, np.float32), bits=16, symmetric=True, per_channel=True)
 def test_error_bound_zero_and_idempotence(w, bits, symmetric, per_channel):
     q = quantize(w, bits, symmetric=symmetric, per_channel=per_channel)
     d = q.dequantize()

@@ -15,8 +15,8 @@ Convention (written down because libraries disagree):
 * an all-zero (or, asymmetric, constant-zero-range) channel gets scale 1 and
   codes 0: no division by zero.
 
-The scale is rounded to the storage dtype (float32) *before* the codes are
-computed, and :func:`dequantize` is the only place codes become floats, so the
+The scale is rounded to the storage dtype (float32; upwards where float32 is
+too coarse, i.e. subnormal) *before* the codes are computed, and :func:`dequantize` is the only place codes become floats, so the
 tensor a reader reconstructs from the file is bit-identical to the one the
 NumPy forward used.
 """
@@ -98,19 +98,28 @@ def _codes(x64, scale, zp, qmin, qmax, shp):
     return np.clip(q, qmin, qmax)
 
 
+def _round_scale(scale64, dtype):
+    """The scale in the storage dtype: rounded to nearest (so re-quantizing a
+    symmetric result recomputes the same scale), but rounded *up* where the
+    storage dtype is too coarse (subnormal: more than 2^-20 relative below the
+    exact scale), so the range always fits the codes; 0 after underflow
+    becomes 1."""
+    r = scale64.astype(dtype)
+    low = r.astype(np.float64) < scale64 * (1 - 2.0**-20)
+    r = np.where(low, np.nextafter(r, np.array(np.inf, dtype=dtype)), r).astype(np.float64)
+    return np.where(r > 0, r, 1.0)
+
+
 def _scale_zp(lo, hi, bits, symmetric, dtype):
-    """Scale (rounded to ``dtype``) and zero point for the clip range [lo, hi]."""
+    """Scale (rounded to ``dtype``, see :func:`_round_scale`) and zero point for the clip range [lo, hi]."""
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
-        scale = np.where(amax > 0, amax / qmax, 1.0).astype(dtype).astype(np.float64)
-        scale = np.where(scale > 0, scale, 1.0)  # underflow to 0 in float32
-        return scale, None
+        return _round_scale(np.where(amax > 0, amax / qmax, 1.0), dtype), None
     lo = np.minimum(lo, 0.0)
     hi = np.maximum(hi, 0.0)
     rng = hi - lo
-    scale = np.where(rng > 0, rng / (qmax - qmin), 1.0).astype(dtype).astype(np.float64)
-    scale = np.where(scale > 0, scale, 1.0)
+    scale = _round_scale(np.where(rng > 0, rng / (qmax - qmin), 1.0), dtype)
     zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax)
     return scale, zp
 
