@@ -54,8 +54,6 @@ OPS = {
     "global_avg_pool": {"params": (), "optional": (), "n_inputs": 1},
 }
 
-#: ops through which a channel keeps its index and is transformed elementwise
-CHANNELWISE_OPS = ("relu", "relu6", "identity", "max_pool2d", "avg_pool2d", "global_avg_pool")
 
 
 def _is_scalar(v) -> bool:

@@ -67,15 +67,6 @@ class QuantizedTensor:
             n += int(np.ceil(self.zero_point.size * self.bits / 8))
         return n
 
-    def take(self, index: np.ndarray, axis: int) -> "QuantizedTensor":
-        """Keep ``index`` along ``axis`` (channel pruning of a quantized tensor)."""
-        codes = np.take(self.codes, index, axis=axis)
-        scale, zp = self.scale, self.zero_point
-        if axis == 0 and self.per_channel:
-            scale = scale[index]
-            zp = None if zp is None else zp[index]
-        return QuantizedTensor(codes, scale, zp, self.bits, self.symmetric, self.per_channel, self.dtype)
-
 
 def _bshape(ndim: int, per_channel: bool):
     return (-1,) + (1,) * (ndim - 1) if per_channel else (1,) * ndim
