@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import operator
 import os
 import sys
@@ -31,6 +32,10 @@ from udfc_ref.graph import Model, Node
 
 #: relative tolerance of the post-conversion check (max abs diff / max |output|)
 CHECK_RTOL = 1e-3
+#: extra file of an exported TorchScript / torch.export archive holding, as JSON,
+#: ``{name in the module: original tensor name}`` for names that were not safe
+#: attribute paths (see ``converters/names.py``)
+NAMES_FILE = "udfc_names.json"
 
 
 def _torch():
@@ -715,13 +720,14 @@ def _load_model(path_or_model) -> Model:
     return load(path_or_model)
 
 
-def _as_layer(model, n, all_names):
-    """The submodule path for node ``n`` if its tensors are named
-    ``<path>.<role>`` and nothing else lives under ``<path>.``; else None."""
-    if n.op not in _MODULE_ROLES or not n.params:
+def _as_layer(n, params, all_names):
+    """The submodule path for node ``n`` if its (safe) tensor names ``params``
+    (role -> name) are ``<path>.<role>`` and nothing else lives under
+    ``<path>.``; else None."""
+    if n.op not in _MODULE_ROLES or not params:
         return None
     prefixes = set()
-    for role, t in n.params.items():
+    for role, t in params.items():
         if not t.endswith("." + role):
             return None
         prefixes.add(t[: -len(role) - 1])
@@ -730,10 +736,30 @@ def _as_layer(model, n, all_names):
     p = prefixes.pop()
     if not p or any(c == "" for c in p.split(".")):
         return None
-    own = set(n.params.values())
+    own = set(params.values())
     if any(x.startswith(p + ".") and x not in own for x in all_names):
         return None
     return p
+
+
+def _reserved_names():
+    """Attribute names a submodule or tensor must not take: those every
+    ``nn.Module`` / ``fx.GraphModule`` already has (``forward``, ``training``,
+    ``graph`` ...)."""
+    torch = _torch()
+    return frozenset(dir(torch.nn.Module)) | frozenset(dir(torch.fx.GraphModule)) | {"x", "torch", "self"}
+
+
+def module_names(model: Model) -> dict[str, str]:
+    """``{original tensor name: name in the PyTorch module}`` for every tensor
+    :func:`to_module` uses.  Names that are dotted ASCII identifiers / indices
+    (``features.0.weight``) are kept; any other name from the file (quotes,
+    newlines, unicode, ``__import__``, 10 kB names ...) is data, never code,
+    and becomes ``udfc_tensor_<i>`` (see ``converters/names.py``)."""
+    from .names import safe_paths  # noqa: PLC0415
+
+    used = sorted({t for n in model.nodes for t in n.params.values()})
+    return safe_paths(used, reserved=_reserved_names())
 
 
 def to_module(path_or_model):
@@ -748,9 +774,11 @@ def to_module(path_or_model):
     Returns
     -------
     torch.fx.GraphModule
-        ``state_dict()`` keys are exactly the file's tensor names, nested by
+        ``state_dict()`` keys are the file's tensor names, nested by
         their dots (``features.0.weight`` is the ``weight`` of submodule
-        ``features.0``), plus ``<bn>.num_batches_tracked`` buffers of
+        ``features.0``; a name that is not a dotted path of ASCII
+        identifiers / indices is data, never code, and is mapped to
+        ``udfc_tensor_<i>``, see :func:`module_names`), plus ``<bn>.num_batches_tracked`` buffers of
         BatchNorm layers rebuilt as ``nn.BatchNorm1d/2d``.  Conv, linear and
         BN nodes whose tensors are named ``<path>.<role>`` become real
         ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm`` modules; other
@@ -760,15 +788,14 @@ def to_module(path_or_model):
     torch = _torch()
     nn, F = torch.nn, torch.nn.functional
     model = _load_model(path_or_model)
-    used = sorted({t for n in model.nodes for t in n.params.values()})
-    dts = {model.tensors[t].dtype for t in used}
+    names = module_names(model)  # original -> safe attribute path: file strings never become code
+    original = {v: k for k, v in names.items()}
+    used = sorted(names.values())
+    dts = {model.tensors[t].dtype for t in names}
     dtype = torch.float64 if dts == {np.dtype(np.float64)} else torch.float32
-    for t in used:
-        if not t or any(c == "" for c in t.split(".")):
-            raise ConversionError(f"tensor name {t!r} cannot be a PyTorch state_dict key (empty dotted component)")
 
     def tens(name):
-        return torch.tensor(np.asarray(model.tensors[name]), dtype=dtype)
+        return torch.tensor(np.asarray(model.tensors[original[name]]), dtype=dtype)
 
     root = nn.Module()
 
@@ -805,9 +832,9 @@ def to_module(path_or_model):
         with torch.no_grad():
             for role in roles:
                 if role in node.params:
-                    getattr(module, role).copy_(tens(node.params[role]))
+                    getattr(module, role).copy_(tens(names[node.params[role]]))
         put(path, module)
-        registered.update(node.params.values())
+        registered.update(names[t] for t in node.params.values())
 
     def getp(name, buffer=False):
         if name not in registered:
@@ -820,8 +847,9 @@ def to_module(path_or_model):
         ins = [env[i] for i in n.inputs]
         x = ins[0]
         a = n.attrs
-        layer = _as_layer(model, n, used)
-        if layer is not None and any(t in registered for t in n.params.values()):
+        sp = {role: names[t] for role, t in n.params.items()}  # role -> safe tensor name
+        layer = _as_layer(n, sp, used)
+        if layer is not None and any(t in registered for t in sp.values()):
             layer = None  # a tensor shared with an earlier node: use it functionally
         if n.op == "conv2d":
             pad = list(a["padding"])
@@ -836,8 +864,8 @@ def to_module(path_or_model):
                 install(layer, conv, n, ("weight", "bias"))
                 y = graph.call_module(layer, (x,))
             else:
-                b = getp(n.params["bias"]) if "bias" in n.params else None
-                y = graph.call_function(F.conv2d, (x, getp(n.params["weight"]), b, tuple(a["stride"]), tuple(p2),
+                b = getp(sp["bias"]) if "bias" in n.params else None
+                y = graph.call_function(F.conv2d, (x, getp(sp["weight"]), b, tuple(a["stride"]), tuple(p2),
                                                    tuple(a["dilation"]), a["groups"]))
         elif n.op == "linear":
             if layer is not None:
@@ -846,8 +874,8 @@ def to_module(path_or_model):
                 install(layer, lin, n, ("weight", "bias"))
                 y = graph.call_module(layer, (x,))
             else:
-                b = getp(n.params["bias"]) if "bias" in n.params else None
-                y = graph.call_function(F.linear, (x, getp(n.params["weight"]), b))
+                b = getp(sp["bias"]) if "bias" in n.params else None
+                y = graph.call_function(F.linear, (x, getp(sp["weight"]), b))
         elif n.op == "batch_norm":
             c = model.tensors[n.params["weight"]].shape[0]
             if layer is not None:
@@ -857,7 +885,7 @@ def to_module(path_or_model):
                 bn.eval()
                 y = graph.call_module(layer, (x,))
             else:
-                p = {r: getp(n.params[r], buffer=r.startswith("running")) for r in _MODULE_ROLES["batch_norm"]}
+                p = {r: getp(sp[r], buffer=r.startswith("running")) for r in _MODULE_ROLES["batch_norm"]}
                 y = graph.call_function(F.batch_norm, (x, p["running_mean"], p["running_var"], p["weight"],
                                                        p["bias"], False, 0.0, a["eps"]))
         elif n.op == "relu":
@@ -923,8 +951,36 @@ def save_torchscript(src_path, out_path) -> None:
             sm = torch.jit.trace(gm, x)
         except Exception as e:
             raise ConversionError(f"cannot convert the model to TorchScript: {type(e).__name__}: {e}") from None
+    renamed = {safe: orig for orig, safe in module_names(model).items() if safe != orig}
+    extra = {NAMES_FILE: json.dumps(renamed, ensure_ascii=True)}  # the original names, as data
     buf = _io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(sm, buf)
-    write_bytes_atomic(out_path, buf.getvalue())
+        torch.jit.save(sm, buf, _extra_files=extra)
+        data = buf.getvalue()
+        # never write a file we cannot read back: load the bytes and compare with the NumPy forward
+        try:
+            back = torch.jit.load(_io.BytesIO(data))
+        except Exception as e:
+            raise ConversionError(f"the TorchScript module does not load back ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); nothing was written") from None
+    _check_against(model, back, "TorchScript")
+    write_bytes_atomic(out_path, data)
+
+
+def _check_against(model: Model, module, what: str) -> None:
+    """Raise ConversionError unless ``module`` (a torch callable) computes what
+    the NumPy forward of ``model`` computes (relative CHECK_RTOL)."""
+    torch = _torch()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2,) + tuple(model.input_shape)).astype(np.float32)
+    dt = torch.float64 if all(model.tensors[t].dtype == np.float64 for n in model.nodes
+                              for t in n.params.values()) else torch.float32
+    with torch.no_grad():
+        got = module(torch.from_numpy(x).to(dt)).detach().cpu().numpy().astype(np.float64)
+    ref = np.asarray(model.forward(x), dtype=np.float64)
+    scale = max(float(np.abs(ref).max()), 1e-12) if ref.size else 1.0
+    err = float(np.abs(got - ref).max()) / scale if got.shape == ref.shape else np.inf
+    if not np.isfinite(err) or err > CHECK_RTOL:
+        raise ConversionError(f"the {what} module differs from the udfc-ref model (relative error {err:.3g}, "
+                              f"tolerance {CHECK_RTOL}); nothing was written")

@@ -282,24 +282,39 @@ class Model:
             self.validate()
 
     # ---------------------------------------------------------------- access
+    def _indexes(self):
+        """name -> node, value -> producer, value -> consumers; built once per
+        node list (O(nodes + edges)) and rebuilt when the list is replaced or
+        changes length.  Code that rewires ``inputs`` of existing nodes calls
+        :meth:`validate` (which rebuilds them)."""
+        key = (id(self.nodes), len(self.nodes))
+        if getattr(self, "_index_key", None) != key:
+            by_name, producer, consumers = {}, {}, {}
+            for n in self.nodes:
+                by_name.setdefault(n.name, n)
+                producer.setdefault(n.output, n)
+                for i in dict.fromkeys(n.inputs):
+                    consumers.setdefault(i, []).append(n)
+            self._index = (by_name, producer, consumers)
+            self._index_key = key
+        return self._index
+
     def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise GraphError(f"no node named {name!r}")
+        n = self._indexes()[0].get(name)
+        if n is None:
+            raise GraphError(f"no node named {name!r}")
+        return n
 
     def param(self, node: Node, role: str) -> np.ndarray | None:
         t = node.params.get(role)
         return None if t is None else self.tensors[t]
 
     def producer(self, value: str) -> Node | None:
-        for n in self.nodes:
-            if n.output == value:
-                return n
-        return None
+        return self._indexes()[1].get(value)
 
     def consumers(self, value: str) -> list[Node]:
-        return [n for n in self.nodes if value in n.inputs]
+        """Nodes reading ``value``, in graph order (each node once)."""
+        return list(self._indexes()[2].get(value, ()))
 
     def copy(self, share_tensors: bool = False) -> "Model":
         """A copy with its own nodes and records; the tensors are copied too
@@ -405,20 +420,32 @@ class Model:
             self.shapes[n.output] = shape
 
     def _toposort(self) -> list[Node]:
-        done = {self.input_name}
-        pending = list(self.nodes)
+        """Kahn's algorithm, O(nodes + edges): a node is placed as soon as its
+        inputs are; among ready nodes the one listed first goes first, so an
+        already sorted list is kept as it is."""
+        import heapq
+
+        producer = {n.output: i for i, n in enumerate(self.nodes)}
+        waiting = [0] * len(self.nodes)
+        readers: dict[int, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for v in set(n.inputs):
+                if v != self.input_name:
+                    waiting[i] += 1
+                    readers.setdefault(producer[v], []).append(i)
+        ready = [i for i, w in enumerate(waiting) if w == 0]
+        heapq.heapify(ready)
         order: list[Node] = []
-        while pending:
-            rest = []
-            for n in pending:
-                if all(i in done for i in n.inputs):
-                    order.append(n)
-                    done.add(n.output)
-                else:
-                    rest.append(n)
-            if len(rest) == len(pending):
-                raise GraphError("the graph has a cycle through node(s) " + ", ".join(repr(n.name) for n in rest[:5]))
-            pending = rest
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(self.nodes[i])
+            for j in readers.get(i, ()):
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    heapq.heappush(ready, j)
+        if len(order) != len(self.nodes):
+            rest = [n for i, n in enumerate(self.nodes) if waiting[i] > 0]
+            raise GraphError("the graph has a cycle through node(s) " + ", ".join(repr(n.name) for n in rest[:5]))
         return order
 
     def _check_work(self, n: Node, s, im2col: int) -> None:
