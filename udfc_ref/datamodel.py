@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activation_moments import activation_key
 from .graph import Model, Node
 from .moments import ACTIVATIONS, activation_covariance, activation_mean_var, hermite_coefficients
+from .ops import ACTIVATION_OPS
 
 RHO_GRID = np.concatenate([np.linspace(0.0, 0.95, 20), [0.98, 0.99]])
 
@@ -270,6 +272,8 @@ class DataModel:
     def _propagate(self, n: Node) -> ValueStats | None:
         m = self.model
         ins = [self.values.get(i) for i in n.inputs]
+        if n.op == "linear" and len(m.shapes[n.inputs[0]]) > 1:
+            return None  # a linear on the last axis of a map: not a channel statistic
         if n.op in ("conv2d", "linear"):
             src = ins[0]
             if src is None and n.op == "linear":
@@ -327,7 +331,47 @@ class DataModel:
             from scipy.linalg import block_diag
 
             return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]), rho)
-        return None  # flatten and anything else: unknown
+        return self._propagate_more(n, ins)
+
+    def _propagate_more(self, n: Node, ins) -> ValueStats | None:
+        """A4 through the activations of ``activation_moments`` (Eq. M4-M8)
+        and the layout / gating ops (Eq. D9-D11); None (unknown) for the rest
+        (softmax, layer_norm, permute across the channel axis, flatten of a
+        map, ...)."""
+        m = self.model
+        src = ins[0] if ins else None
+        if n.op in ACTIVATION_OPS:
+            return None if src is None else activation_stats(src.mean, src.cov, activation_key(n), src.rho)
+        if src is None:
+            return None
+        s_in, s_out = m.shapes[n.inputs[0]], m.shapes[n.output]
+        if n.op == "affine":  # Eq. D9, exact: y_c = w_c x_c + b_c
+            if n.attrs["axis"] != 1:
+                return None
+            w, b = m.param(n, "weight"), m.param(n, "bias")
+            w = np.ones(s_in[0]) if w is None else w.astype(np.float64)
+            b = np.zeros(s_in[0]) if b is None else b.astype(np.float64)
+            return ValueStats(src.mean * w + b, src.cov * np.outer(w, w), src.rho)
+        if n.op == "pad":  # Eq. D10: the interior's statistics (as for a conv's own zero padding)
+            return src
+        if n.op in ("reshape", "flatten", "permute"):  # exact when the channel axis stays axis 1
+            keep = s_out[0] == s_in[0] and (n.op != "permute" or n.attrs["perm"][1] == 1)
+            if n.op == "flatten":
+                keep = all(d == 1 for d in s_in[1:])
+            if not keep:
+                return None
+            return ValueStats(src.mean, src.cov, src.rho if tuple(s_out[1:]) == tuple(s_in[1:]) else None)
+        if n.op == "mul":  # Eq. D11: product of independent factors (a gate and a map)
+            other = ins[1]
+            if other is None or other.mean.shape != src.mean.shape:
+                return None
+            mean = src.mean * other.mean
+            second = (src.cov + np.outer(src.mean, src.mean)) * (other.cov + np.outer(other.mean, other.mean))
+            spatial = [s for s, name in zip(ins, n.inputs) if len(m.shapes[name]) == 3 and
+                       np.prod(m.shapes[name][1:]) > 1]
+            rho = spatial[0].rho if len(spatial) == 1 else None
+            return ValueStats(mean, second - np.outer(mean, mean), rho)
+        return None
 
 
 def sample_patches(im: InputModel, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -64,3 +64,12 @@ def keep_outputs(model: Model, producer: Node, bn: Node, kept: np.ndarray) -> No
             if r in node.params:
                 key = node.params[r]
                 model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])
+
+
+def keep_rows(model: Model, node: Node, kept: np.ndarray, roles=("weight", "bias")) -> None:
+    """Keep only the ``kept`` entries along axis 0 of ``node``'s tensors of
+    ``roles`` (the output rows of a layer, the entries of a per-channel affine)."""
+    for r in roles:
+        if r in node.params:
+            key = node.params[r]
+            model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])
