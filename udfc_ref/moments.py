@@ -51,7 +51,7 @@ def clipped_gaussian_moments(mean, std, lo=0.0, hi=np.inf):
     pa = np.where(np.isfinite(a), _phi(np.where(np.isfinite(a), a, 0.0)), 0.0)
     pb = np.where(np.isfinite(b), _phi(np.where(np.isfinite(b), b, 0.0)), 0.0)
     # E[z 1{lo<z<hi}], E[z^2 1{lo<z<hi}] for z = m + s u
-    mass = Pb - Pa
+    mass = np.where(a > 0, ndtr(-a) - ndtr(-b), Pb - Pa)  # upper tail without 1 - Phi cancellation
     e1 = m * mass + s * (pa - pb)
     aa = np.where(np.isfinite(a), a, 0.0)
     bb = np.where(np.isfinite(b), b, 0.0)

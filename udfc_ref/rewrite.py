@@ -27,7 +27,7 @@ def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype) -> Non
         new = new.reshape((w.shape[0], T.shape[1]) + w.shape[2:])
     else:
         new = new.reshape(w.shape[0], -1)
-    model.tensors[node.params["weight"]] = new.astype(dtype)
+    model.tensors[node.params["weight"]] = np.ascontiguousarray(new, dtype=dtype)  # C order, as a loaded file has it
     if np.any(delta != 0):
         shift_output(model, node, delta, dtype)
 
