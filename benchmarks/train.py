@@ -631,6 +631,7 @@ def main(argv=None) -> int:
         m = load(path)
         meta["test_top1_udfc_ref"] = top1(m, data[2], data[3])
         meta["data"] = dname
+        meta["threads"] = a.threads
         meta["file_bytes"] = os.path.getsize(path)
         meta["udfc_params"] = m.param_count()
         meta["macs"] = m.flops()

@@ -33,7 +33,8 @@ class Builder:
         params = {"weight": self.tensor(f"{name}.weight", w)}
         if bias:
             params["bias"] = self.tensor(f"{name}.bias", self.rng.normal(0, 0.3, cout))
-        return self.add(name, "conv2d", [inp or self.v], {"padding": k // 2, "stride": stride, "groups": groups}, params)
+        attrs = {"padding": k // 2, "stride": stride, "groups": groups}
+        return self.add(name, "conv2d", [inp or self.v], attrs, params)
 
     def linear(self, name, cin, cout, bias=True, inp=None):
         params = {"weight": self.tensor(f"{name}.weight", self.rng.standard_normal((cout, cin)) / np.sqrt(cin))}
@@ -45,7 +46,8 @@ class Builder:
         r = self.rng
         vals = {"weight": r.uniform(0.5, 1.5, c) * r.choice([1, 1, 1, -1], c), "bias": r.normal(0.0, 0.7, c),
                 "running_mean": r.normal(0.0, 0.2, c), "running_var": r.uniform(0.5, 2.0, c)}
-        return self.add(name, "batch_norm", None, {"eps": 1e-5}, {k: self.tensor(f"{name}.{k}", v) for k, v in vals.items()})
+        params = {k: self.tensor(f"{name}.{k}", v) for k, v in vals.items()}
+        return self.add(name, "batch_norm", None, {"eps": 1e-5}, params)
 
     def act(self, name, op):
         attrs = {"approximate": "tanh"} if op == "gelu_tanh" else {}
@@ -70,7 +72,8 @@ class Builder:
             self.act(f"{name}.act", act)
             self.conv(f"{name}.excite", squeeze, c, bias=True)
             if style == "keras_hard":
-                self.add(f"{name}.plus3", "affine", None, {"axis": 1}, {"bias": self.tensor(f"{name}.plus3.b", np.full(c, 3.0))})
+                self.add(f"{name}.plus3", "affine", None, {"axis": 1},
+                         {"bias": self.tensor(f"{name}.plus3.b", np.full(c, 3.0))})
                 self.act(f"{name}.relu6", "relu6")
                 self.add(f"{name}.div6", "affine", None, {"axis": 1},
                          {"weight": self.tensor(f"{name}.div6.w", np.full(c, 1 / 6))})
@@ -84,9 +87,10 @@ class Builder:
 
 
 def mbconv_net(seed=0, cin=3, hidden=12, cout=6, hw=8, act="silu", gate="sigmoid", se_style="conv",
-               squeeze=4, classes=5, expand=True) -> Model:
+               squeeze=4, classes=5, expand=True, tf_pad=False) -> Model:
     """EfficientNet / MobileNetV3 MBConv: [expand 1x1 -> BN -> act] -> dw 3x3 -> BN -> act -> SE -> project 1x1
-    -> BN -> GAP -> flatten -> linear."""
+    -> BN -> GAP -> flatten -> linear.  ``tf_pad``: the dw conv has stride 2 and no padding of its own,
+    after an explicit asymmetric zero pad (Keras ZeroPadding2D / TF "same")."""
     b = Builder(seed, (cin, hw, hw))
     c = cin
     if expand:
@@ -94,7 +98,12 @@ def mbconv_net(seed=0, cin=3, hidden=12, cout=6, hw=8, act="silu", gate="sigmoid
         b.bn("bn1", hidden)
         b.act("act1", act)
         c = hidden
-    b.conv("dw", c, c, k=3, groups=c)
+    if tf_pad:
+        b.add("dw_pad", "pad", None, {"padding": [0, 1, 0, 1], "value": 0.0})
+        b.conv("dw", c, c, k=3, groups=c, stride=2)
+        b.nodes[-1].attrs["padding"] = 0
+    else:
+        b.conv("dw", c, c, k=3, groups=c)
     b.bn("bn2", c)
     b.act("act2", act)
     b.se("se", c, squeeze, act="relu" if gate == "hardsigmoid" else act, gate=gate, style=se_style)

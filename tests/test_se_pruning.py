@@ -62,13 +62,14 @@ def test_se_channel_that_duplicates_a_kept_one_is_rebuilt_exactly(act, gate, sty
     assert rel(dropped.forward(X), y) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["efficientnet", "mobilenetv3", "mobilenetv3_keras"])
+@pytest.mark.parametrize("kind", ["efficientnet", "mobilenetv3", "mobilenetv3_keras", "keras_tf_pad"])
 def test_se_pruning_is_valid_and_closer_than_baselines(kind, tmp_path):
     """Random MBConv nets with SE at 30 % pruning + 6 bits: the compressed network
     is valid (shapes, file round trip), every SE part shrinks with its channels,
     and the udfc output is closer to the original than none and nm."""
     kw = {"efficientnet": {}, "mobilenetv3": {"act": "hardswish", "gate": "hardsigmoid", "se_style": "linear"},
-          "mobilenetv3_keras": {"act": "hardswish", "gate": "hardsigmoid", "se_style": "keras_hard"}}[kind]
+          "mobilenetv3_keras": {"act": "hardswish", "gate": "hardsigmoid", "se_style": "keras_hard"},
+          "keras_tf_pad": {"tf_pad": True}}[kind]
     m = mbconv_net(2, hidden=16, **kw)
     y = m.forward(X)
     err = {}
@@ -77,6 +78,7 @@ def test_se_pruning_is_valid_and_closer_than_baselines(kind, tmp_path):
         n = len(small.record["layers"]["expand"]["kept"])
         assert n == 11
         assert small.tensors["dw.weight"].shape == (n, 1, 3, 3) and small.node("dw").attrs["groups"] == n
+        assert small.record["layers"]["expand"]["depthwise"] == "dw"
         assert small.tensors["se.squeeze.weight"].shape[1] == n and small.tensors["se.excite.weight"].shape[0] == n
         assert small.tensors["se.excite.bias"].shape == (n,)
         if kind == "mobilenetv3_keras":  # the per-channel affines of the gate shrink too
@@ -296,3 +298,35 @@ def test_select_kept_grouped_prunes_equally_in_every_group():
     np.testing.assert_array_equal(kept, [0, 2, 6, 7, 10, 11])
     assert select_kept_grouped(scores, 0.9, 3, min_keep=6).size == 6  # at least ceil(6/3) per group
     np.testing.assert_array_equal(select_kept_grouped(scores, 0.0, 3, gamma=gamma), np.arange(12))
+
+
+def test_separable_conv_chain_without_bn_after_the_depthwise():
+    """Xception's separable conv: conv -> BN -> ReLU -> depthwise (no BN) -> pointwise.
+    The depthwise channel goes with its producer channel; a duplicate channel
+    is rebuilt exactly (alpha = 0), dropping it is not."""
+    b = Builder(6, (3, 8, 8))
+    b.conv("c0", 3, 8, k=3)
+    b.bn("bn0", 8)
+    b.act("a0", "relu")
+    b.conv("sep.dw", 8, 8, k=3, groups=8)
+    b.conv("sep.pw", 8, 6)
+    b.bn("bn1", 6)
+    b.act("a1", "relu")
+    b.add("gap", "global_avg_pool", None, {"keepdims": False})
+    b.linear("fc", 6, 5)
+    m = b.model()
+    t = m.tensors
+    for k in ("c0.weight", "bn0.weight", "bn0.bias", "bn0.running_mean", "bn0.running_var", "sep.dw.weight"):
+        t[k][2] = t[k][6]
+    t["c0.weight"][[2, 6]] *= 1e-2
+    t["bn0.running_var"][[2, 6]] *= 1e-4
+    pairs, _ = find_pairs(m)
+    assert [(p.name, p.dw.name if p.dw else None, p.bn2) for p in pairs] == [("c0", "sep.dw", None),
+                                                                              ("sep.pw", None, None)]
+    y = m.forward(X)
+    small, _ = compress(m, prune_ratio=0.125, method="udfc", alpha1=0.0, alpha2=0.0, skip=["sep.pw"])
+    assert small.record["layers"]["c0"]["kept"] == [0, 1, 3, 4, 5, 6, 7]
+    assert small.tensors["sep.dw.weight"].shape == (7, 1, 3, 3) and small.tensors["sep.pw.weight"].shape == (6, 7, 1, 1)
+    assert rel(small.forward(X), y) <= 1e-5
+    dropped, _ = compress(m, prune_ratio=0.125, method="none", skip=["sep.pw"])
+    assert rel(dropped.forward(X), y) > 1e-3

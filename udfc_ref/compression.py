@@ -168,7 +168,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             if pair.dw is not None:
                 # depthwise chain: the depthwise channel and its BN go with the producer channel
                 dw = out.node(pair.dw.name)
-                keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+                if pair.bn2 is not None:
+                    keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+                else:
+                    keep_rows(out, dw, kept)
                 dw.attrs["groups"] = int(kept.size)
                 in_kept[dw.name] = kept
             if eps_w is not None and bias_correction:

@@ -9,8 +9,8 @@ compensated in the layer(s) that read them (derivation section 1):
 
 ``activation`` is any op of ``ops.ACTIVATION_OPS``.  A grouped (not
 depthwise) producer prunes the same number of channels in every group.
-A producer -> BN -> act -> depthwise conv -> BN -> act chain is one pair too
-(the depthwise channel goes with its producer channel).  A squeeze-excitation
+A producer -> BN -> act -> [pad 0] -> depthwise conv -> BN -> act chain is one
+pair too (the depthwise channel goes with its producer channel).  A squeeze-excitation
 gate ``x * gate(GAP(x))`` after the activation goes with the channels too:
 the gate's squeeze input columns are rebuilt, its excite output rows removed
 (derivation section 1, Eq. SE1-SE3).  Channels that reach
@@ -69,7 +69,8 @@ class Pair:
     """A producer whose output channels can be pruned.
 
     With ``dw`` set, the pair is a *depthwise chain*: producer -> bn -> act ->
-    depthwise conv ``dw`` -> ``bn2`` -> ``act2`` -> consumers; channel i of the
+    depthwise conv ``dw`` -> [``bn2`` -> ``act2``] -> consumers (``bn2`` None:
+    a separable conv's depthwise -> pointwise); channel i of the
     producer, of both BNs and of the depthwise conv is removed together and
     the consumers rebuild the chain's output (MobileNetV2's expand -> dw ->
     project)."""
@@ -198,14 +199,16 @@ def _pair_of(model: Model, p: Node) -> tuple[Pair | None, str]:
     n = model.shapes[p.output][0]
     dw = bn2 = act2 = None
     nxt = _single_consumer(model, frontier)
+    while nxt is not None and nxt.op == "pad" and nxt.attrs["value"] == 0.0:  # TF-style padding before a dw conv
+        nxt = _single_consumer(model, nxt.output)
     if nxt is not None and nxt.op == "conv2d" and nxt.attrs["groups"] != 1:
         if not _depthwise(model, nxt, n):
             return None, f"feeds the grouped conv {nxt.name!r} (coupled channels, not a depthwise chain)"
         second = _bn_act(model, nxt.output)
-        if second is None:
-            return None, f"feeds the depthwise conv {nxt.name!r}, which is not followed by a single BatchNorm"
         dw = nxt
-        bn2, act2, frontier = second
+        # without a BN after it (Xception's separable conv: depthwise -> pointwise) the chain ends at the
+        # depthwise output, a linear map of the activations: its statistics are the propagated ones (A4)
+        bn2, act2, frontier = second if second is not None else (None, None, nxt.output)
     se = _se_gate(model, frontier)
     if se is not None:
         frontier = se.mul.output
