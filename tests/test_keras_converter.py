@@ -566,6 +566,11 @@ LAYER_CASES = {
     "keras.ops arithmetic": (_fn(lambda x: (3.0 - x / 2.0) * 0.5 - 1.0), ["affine", "affine", "affine", "affine"]),
     "keras.ops gelu(tanh) + softmax": (_fn(lambda x: keras.ops.softmax(keras.ops.gelu(x, approximate=True), axis=2)),
                                        ["gelu", "softmax"]),
+    "keras.ops x * sigmoid(x)": (_fn(lambda x: keras.ops.sigmoid(x) * x), ["silu"]),
+    "Multiply([x, hard_sigmoid(x)])": (_fn(lambda x: L.Multiply()([x, L.Activation("hard_sigmoid")(x)])),
+                                       ["hardswish"]),
+    "ZeroPadding2D -> MaxPooling2D after ReLU": (_fn(lambda x: L.MaxPooling2D(3, 2)(L.ZeroPadding2D(1)(
+        L.ReLU()(L.Conv2D(4, 1)(x))))), ["conv2d", "relu", "max_pool2d"]),
     "Flatten -> BatchNormalization": (_fn(lambda x: L.BatchNormalization()(L.Flatten()(x)), (4, 4, 2)),
                                       ["permute", "flatten", "batch_norm"]),
 }
