@@ -179,11 +179,17 @@ def _restore_names(nodes, tensors, in_name, out, names):
     values = [in_name] + [n.output for n in nodes]
     value_map = injective(value_map, values)
     node_names = injective(node_names, [n.name for n in nodes])
-    new_tensors = {}
-    for t, a in tensors.items():  # a tensor recorded twice (shared in the source) is kept once if equal
+    # names that stay win; a rename onto a name in use is applied only when the arrays are equal (a tensor
+    # shared by several nodes in the source comes back as one); otherwise the tensor keeps its Keras name
+    new_tensors = {t: a for t, a in tensors.items() if tensor_map.get(t, t) == t}
+    for t, a in tensors.items():
         nt = tensor_map.get(t, t)
+        if nt == t:
+            continue
         if nt in new_tensors and not np.array_equal(new_tensors[nt], a):
-            nt = t
+            nt, i = t, 1
+            while nt in new_tensors:
+                nt, i = f"{t}_{i}", i + 1
         tensor_map[t] = nt
         new_tensors.setdefault(nt, a)
     for n in nodes:

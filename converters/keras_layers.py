@@ -162,10 +162,11 @@ class Builder:
     def err(self, lay, msg) -> ConversionError:
         return ConversionError(f"{self.where}: layer {lay.name!r} ({lay.cls}): {msg}")
 
-    def fresh(self, base: str, taken: set, reserved=frozenset()) -> str:
-        """``base``, or ``base_1``, ``base_2`` ... if ``taken`` or ``reserved`` has it."""
+    def fresh(self, base: str, taken: set, reserved=frozenset(), own=None) -> str:
+        """``base``, or ``base_1``, ``base_2`` ... if ``taken`` has it or ``reserved``
+        has it (``own``, the name of the layer being converted, is allowed)."""
         n, i = base, 1
-        while n in taken or n in reserved:
+        while n in taken or (n in reserved and n != own):
             n, i = f"{base}_{i}", i + 1
         taken.add(n)
         return n
@@ -178,7 +179,7 @@ class Builder:
     def add(self, name, op, inputs, attrs=None, params=None) -> Val:
         """Emit one node (output value = node name) and infer its shape."""
         own = self.layer.name if self.layer is not None else None
-        name = self.fresh(name, self.node_names, self.reserved - {own})
+        name = self.fresh(name, self.node_names, self.reserved, own)
         n = Node(name=name, op=op, inputs=[v.name for v in inputs], output=name, attrs=dict(attrs or {}),
                  params=dict(params or {}))
         spec = OPS[op]

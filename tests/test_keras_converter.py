@@ -812,3 +812,40 @@ def test_keras_cli_help_texts():
         assert kp.description and "KERAS_BACKEND" in kp.format_help()
         for a in kp._actions:
             assert a.help, f"udfc {cmd} keras: {a.dest} has no help"
+
+
+def test_crafted_name_map_never_breaks_the_model(saved, tmp_path):
+    """A udfc_names.json whose names collide (two layers -> one node name, a tensor renamed onto
+    another tensor's name, junk entries) is data: colliding renames are not applied, the model
+    is unchanged; a map of another format is ignored; invalid JSON is a FormatError."""
+    import zipfile
+
+    from udfc_ref.errors import FormatError
+
+    s = saved["gap"]
+    names = {"format": "udfc-ref keras names", "version": 1, "input": {"keras": "x", "name": "image in"},
+             "layers": {"c": {"node": "same", "output": "v1", "tensors": {"weight": "fc1.weight", "bias": 3}},
+                        "bn": {"node": "same", "output": "v1", "tensors": {"weight": ["x"]}},
+                        "fc2": {"node": "head.fc", "output": "logits", "tensors": {"weight": "head.fc.weight"}},
+                        "nope": {"node": "ghost"}, "r": "junk"}}
+
+    def with_map(raw, name):
+        p = str(tmp_path / name)
+        with zipfile.ZipFile(s["keras"]) as z, zipfile.ZipFile(p, "w") as out:
+            for n in z.namelist():
+                out.writestr(n, z.read(n))
+            out.writestr("udfc_names.json", raw)
+        return p
+
+    m = ck.read(with_map(json.dumps(names), "crafted.keras"))
+    assert rel(m.forward(nchw(s["x"])), s["y"]) <= TOL
+    assert m.input_name == "image in" and m.output_name == "logits"
+    assert m.node("head.fc").params["weight"] == "head.fc.weight"
+    assert "same" not in {n.name for n in m.nodes} and {"c", "bn"} <= {n.name for n in m.nodes}
+    assert m.node("c").params["weight"] != m.node("fc1").params["weight"]  # no tensor renamed onto another
+    plain = ck.read(s["keras"])
+    assert sum(a.size for a in m.tensors.values()) == sum(a.size for a in plain.tensors.values())
+    other = ck.read(with_map(json.dumps({"format": "something else", "layers": {"c": {"node": "zzz"}}}), "o.keras"))
+    assert [n.name for n in other.nodes] == [n.name for n in plain.nodes]
+    with pytest.raises(FormatError, match="udfc_names.json"):
+        ck.read(with_map(b"\xff{not json", "bad.keras"))
