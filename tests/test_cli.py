@@ -61,19 +61,40 @@ def test_eval_prints_top1_line(model_file, data_file, capsys):
     assert lines[0] == f"top1={acc:.4f}"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--prune-ratio", "1.0"], "prune ratio"),
-    (["--prune-ratio", "-0.1"], "prune ratio"),
-    (["--weight-bits", "1"], "bits"),
-    (["--weight-bits", "12"], "bits"),
-    (["--skip", "nope"], "nope"),
+@pytest.mark.parametrize("args,needle,code", [
+    (["--prune-ratio", "1.0"], "prune ratio", 2),
+    (["--prune-ratio", "-0.1"], "prune ratio", 2),
+    (["--prune-ratio", "nan"], "prune ratio", 2),
+    (["--weight-bits", "1"], "bits", 2),
+    (["--weight-bits", "12"], "bits", 2),
+    (["--weight-bits", "32"], "bits", 2),
+    (["--weight-bits", "4.5"], "bits", 2),
+    (["--alpha1", "-1"], "alpha1", 2),
+    (["--alpha2", "inf"], "alpha2", 2),
+    (["--min-keep", "0"], "min-keep", 2),
+    (["--skip", "nope"], "nope", 1),
 ])
-def test_bad_options_exit_1_with_one_line(model_file, tmp_path, capsys, args, needle):
+def test_bad_options_are_one_line(model_file, tmp_path, capsys, args, needle, code):
+    """A bad option value is a usage error (exit 2), an option naming nothing in
+    the model a udfc-ref error (exit 1); either way one line, nothing written."""
     out = tmp_path / "o.safetensors"
-    assert main(["compress", str(model_file), str(out)] + args) == 1
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            main(["compress", str(model_file), str(out)] + args)
+        assert e.value.code == 2
+    else:
+        assert main(["compress", str(model_file), str(out)] + args) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("udfc: error:") and needle in err
+    assert err.count("\n") == 1 and err.startswith("udfc: error:") and needle in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("value,bits", [("2", 2), ("8", 8), ("16", 16), ("none", None), ("None", None),
+                                        ("float", None)])
+def test_weight_bits_accepted_values(model_file, tmp_path, capsys, value, bits):
+    out = tmp_path / "o.safetensors"
+    assert main(["compress", str(model_file), str(out), "--weight-bits", value]) == 0
+    assert load(out).record["weight_bits"] == bits
 
 
 def test_output_equal_to_input_is_refused(model_file, capsys):
