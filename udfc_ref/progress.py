@@ -24,6 +24,9 @@ import shutil
 import sys
 import time
 
+#: seconds of work before a bar first appears (module-wide default)
+DELAY = 1.0
+
 #: bars currently drawn (at most a few: nested work)
 _ACTIVE: list["Progress"] = []
 
@@ -45,8 +48,8 @@ class Progress:
         Number of items (layers, samples ...); at least 1 is assumed.
     label : str
         Shown before the bar (``"compress"``, ``"eval"``, ``"import"``).
-    delay : float
-        Seconds of work before the bar first appears.
+    delay : float, optional
+        Seconds of work before the bar first appears (default :data:`DELAY`, 1 s).
     stream : file, optional
         Where to draw (default: ``sys.stderr`` at construction).
     enabled : bool, optional
@@ -57,11 +60,11 @@ class Progress:
         Seconds as a float (default ``time.monotonic``; tests pass a fake).
     """
 
-    def __init__(self, total: int, label: str = "", delay: float = 1.0, stream=None, enabled: bool | None = None,
-                 clock=time.monotonic):
+    def __init__(self, total: int, label: str = "", delay: float | None = None, stream=None,
+                 enabled: bool | None = None, clock=time.monotonic):
         self.total = max(int(total), 1)
         self.label = label
-        self.delay = delay
+        self.delay = DELAY if delay is None else delay
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             try:
