@@ -346,10 +346,12 @@ _NP_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "
               "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
 
 
-def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
+def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file whose header :func:`_read_header`
-    checked (offsets, shapes and byte sizes agree): the data section is read once into one writable buffer and each
-    tensor is a view of it (no second copy of the weights in memory)."""
+    checked (offsets, shapes and byte sizes agree): the data section is read
+    once into one writable buffer and each tensor is a view of it (no second
+    copy of the weights in memory).  Only the names in ``wanted`` (default:
+    all) become arrays; every entry is still checked."""
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     end = 0
     for k, v in entries:
@@ -370,6 +372,8 @@ def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
         raise FormatError(f"{path}: the file ended while reading tensor data (truncated?)")
     out = {}
     for k, v in entries:
+        if wanted is not None and k not in wanted:
+            continue
         start, stop = v["data_offsets"]
         dt = np.dtype(_NP_DTYPES[v["dtype"]])
         arr = np.frombuffer(buf, dtype=dt, count=(stop - start) // dt.itemsize, offset=start)
@@ -489,8 +493,9 @@ def load(path) -> Model:
     except GraphError as e:
         raise GraphError(f"{path}: {e}") from None
 
-    raw = _read_tensors(path, header, header_len)
     used = {t for n in nodes for t in n.params.values()}
+    aux = {t + s for t in qtable if t in used for s in ("_scale", "_zero_point")}
+    raw = _read_tensors(path, header, header_len, wanted=used | aux)  # no arrays for tensors nobody uses
     tensors, quant = {}, {}
     for t, q in qtable.items():
         if t not in used:
@@ -498,9 +503,7 @@ def load(path) -> Model:
         qt = _quantized(path, t, q, raw)
         quant[t] = qt
         tensors[t] = qt.dequantize()
-    extra = sorted(set(raw) - used)
-    for k in extra:
-        del raw[k]
+    extra = sorted(set(header) - used - aux - {"__metadata__"})
     for k in sorted(used & set(raw)):
         v = raw.pop(k)  # drop our reference as we go: the peak stays near one copy of the weights
         if v.dtype.name not in _FLOAT_DTYPES:
