@@ -19,6 +19,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 
 from .errors import FormatError, OptionError
 
@@ -28,19 +29,36 @@ _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def signals_held():
     """Hold SIGINT and SIGTERM back while the block runs; a signal arriving
-    meanwhile is delivered (its Python handler runs) right after the block.
+    meanwhile is delivered to its usual handler right after the block.
 
     Used around "create a temp file -> record that it must be removed" and
-    around the removal itself, so an interrupt never strands a temp file."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    except (AttributeError, OSError, ValueError):  # pragma: no cover - no pthread_sigmask (Windows)
-        old = None
+    around the removal itself, so an interrupt never strands a temp file.
+    Python runs signal handlers in the main thread only, so this swaps the
+    handlers there (``pthread_sigmask`` would not do: another thread, e.g.
+    one of BLAS, may take the signal and the main thread still runs the
+    handler at once); elsewhere no handler can interrupt the block anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for sig in _HELD_SIGNALS:
+        h = signal.getsignal(sig)
+        if h is None:  # installed outside Python: cannot be restored, leave it
+            continue
+        old[sig] = h
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for sig in pending:
+            h = old[sig]
+            if callable(h):
+                h(sig, None)  # e.g. KeyboardInterrupt, or the CLI's Terminated
+            elif h == signal.SIG_DFL:
+                signal.raise_signal(sig)  # pragma: no cover - the default action ends the process
 
 
 def _fspath(path) -> str:
@@ -208,11 +226,12 @@ def write_bytes_atomic(path, data, verify=None) -> None:
     an ``OSError`` is re-raised as OptionError."""
     path = _fspath(path)
     d = os.path.dirname(os.path.abspath(path)) or "."
-    tmp = None
+    tmp = f = None
     try:
         with signals_held():  # from here on ``tmp`` is always removed on failure
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-        with os.fdopen(fd, "wb") as f:
+            f = os.fdopen(fd, "wb")
+        with f:
             os.fchmod(f.fileno(), _final_mode(path))  # mkstemp makes 0o600; an output should be readable as usual
             for chunk in (data if isinstance(data, list) else [data]):
                 f.write(chunk)
@@ -225,6 +244,11 @@ def write_bytes_atomic(path, data, verify=None) -> None:
             tmp = None
         _fsync_dir(d)
     except BaseException as e:
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
         if tmp is not None:
             with signals_held():
                 try:

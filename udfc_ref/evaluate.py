@@ -40,14 +40,19 @@ def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, key: s
         raise FormatError(f"{path}: array {key!r} claims {info.file_size:,} bytes, more than its "
                           f"{info.compress_size:,} stored bytes can hold (corrupt file)")
     with zf.open(info) as m:
-        version = np.lib.format.read_magic(m)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(m)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(m)
-        else:
-            raise FormatError(f"{path}: array {key!r} is in .npy format version {version}, which udfc-ref "
-                              "does not read (1.0 or 2.0)")
+        try:
+            version = np.lib.format.read_magic(m)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(m)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(m)
+            else:
+                raise FormatError(f"{path}: array {key!r} is in .npy format version {version}, which udfc-ref "
+                                  "does not read (1.0 or 2.0)")
+        except UDFCError:
+            raise
+        except Exception as e:  # noqa: BLE001 - NumPy's header parser raises ValueError, SyntaxError, TokenError ...
+            raise FormatError(f"{path}: array {key!r} has a corrupt .npy header ({type(e).__name__})") from None
         header_len = m.tell()
     if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
         raise FormatError(f"{path}: array {key!r} has dtype {dtype}; expected plain numbers "
