@@ -206,7 +206,7 @@ edit = st.one_of(
     st.tuples(st.just("swap"), st.integers(0, 99), st.integers(0, 99)),
     st.tuples(st.just("rename_input"), st.integers(0, 99), st.integers(0, 3), st.integers(0, 99), st.booleans()),
     st.tuples(st.just("attr"), st.integers(0, 99), st.integers(0, 9), attr_value, st.booleans()),
-    st.tuples(st.just("op"), st.integers(0, 99), st.sampled_from(sorted(OPS) + ["gelu", ""])),
+    st.tuples(st.just("op"), st.integers(0, 99), st.sampled_from(sorted(OPS) + ["swishy", ""])),
     st.tuples(st.just("output"), st.integers(0, 99), st.integers(0, 99)),
     st.tuples(st.just("shape"), st.sampled_from(sorted(TENSORS)), shape, dtypes),
     st.tuples(st.just("drop_tensor"), st.sampled_from(sorted(TENSORS))),
