@@ -364,10 +364,10 @@ def test_warning_is_one_line_and_the_command_succeeds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("udfc: warning: ") and "optimizer.step" in err, err
     # the same file with a broken graph: only the error, no warning (and no source line)
-    meta["graph"] = meta["graph"].replace('"relu"', '"gelu"')
+    meta["graph"] = meta["graph"].replace('"relu"', '"frobnicate"')
     m.write_bytes(st_save(t, metadata=meta))
     assert run(["info", m]) == 1
-    one_error_line(capsys, "gelu")
+    one_error_line(capsys, "frobnicate")
 
 
 def test_every_option_and_command_has_help():

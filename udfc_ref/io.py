@@ -57,16 +57,26 @@ def _chunks(model: Model) -> list:
     used = {t for n in model.nodes for t in n.params.values()}
     out: dict[str, np.ndarray] = {}
     qtable = {}
+
+    def put(name, arr, owner):
+        # one name, one array: "__metadata__" is the header's own key, and a parameter literally named
+        # like another one's "_scale" would silently replace it
+        if name == "__metadata__" or name in out:
+            raise FormatError(f"tensor name {name!r} (of {owner!r}) " + (
+                "is reserved by the safetensors format" if name == "__metadata__" else
+                "is used twice (a parameter has the name of a quantized tensor's scale or zero point)"))
+        out[name] = arr
+
     for t in sorted(used):
         q = model.quant.get(t)
         if q is None:
-            out[t] = np.ascontiguousarray(model.tensors[t])
+            put(t, np.ascontiguousarray(model.tensors[t]), t)
             continue
         packed = q.bits < 8
-        out[t] = pack_codes(q.codes, q.bits, q.symmetric) if packed else np.ascontiguousarray(q.codes)
-        out[t + "_scale"] = np.ascontiguousarray(q.scale)
+        put(t, pack_codes(q.codes, q.bits, q.symmetric) if packed else np.ascontiguousarray(q.codes), t)
+        put(t + "_scale", np.ascontiguousarray(q.scale), t)
         if q.zero_point is not None:
-            out[t + "_zero_point"] = np.ascontiguousarray(q.zero_point)
+            put(t + "_zero_point", np.ascontiguousarray(q.zero_point), t)
         qtable[t] = {
             "bits": q.bits,
             "symmetric": q.symmetric,
