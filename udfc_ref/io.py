@@ -140,8 +140,14 @@ def _check_reads_back(model: Model, tmp: str, path) -> None:
         raise type(e)(f"the model would not load back, nothing was written: {msg}") from None
     for t in {t for n in model.nodes for t in n.params.values()}:
         a, b = model.tensors[t], back.tensors.get(t)
-        if b is None or a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+        if b is None or a.shape != b.shape or a.dtype != b.dtype or not _same_bits(a, b):
             raise NumericError(f"{path}: tensor {t!r} does not read back bit-identical; nothing was written")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality of two arrays of one dtype and shape (no copies when contiguous)."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
