@@ -446,3 +446,17 @@ def test_sigterm_in_a_real_process(model_file, tmp_path):
     assert err.startswith("udfc: error: terminated") and err.count("\n") == 1, err
     assert files_in(tmp_path) == ["m.safetensors"]
     time.sleep(0)
+
+
+def test_stdout_closed_early_is_quiet(model_file, capsys, monkeypatch):
+    """`udfc info m | head -1`: the reader went away; no traceback, exit 141 like a killed pipe writer."""
+    class ClosedPipe:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert run(["info", model_file]) == 141
+    assert capsys.readouterr().err == ""

@@ -3,7 +3,7 @@
 Exit status: 0 success; 1 a UDFCError (one ``udfc: error: ...`` line on
 stderr, ``--debug`` shows the traceback); 2 a usage error (one line too: an
 unknown option, a bad option value, an output suffix no writer handles); 130
-Ctrl-C; 143 SIGTERM.  Interrupted or failed commands leave no partial output
+Ctrl-C; 143 SIGTERM; 141 stdout closed early (a pipe into ``head``).  Interrupted or failed commands leave no partial output
 (``atomic.py``).  Warnings are one ``udfc: warning: ...`` line each; the
 progress bar (``progress.py``) is drawn only on a terminal and is erased
 before an error is printed.
@@ -34,7 +34,7 @@ EPILOG = """examples:
        --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, TorchScript out
 
 exit status: 0 success, 1 error (one 'udfc: error:' line; --debug shows the traceback),
-2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
+2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 output pipe closed
 """
 
 
@@ -477,6 +477,13 @@ def main(argv=None) -> int:
             traceback.print_exc()
         _fail("out of memory (the model or data is too large for this machine)")
         return 1
+    except BrokenPipeError:
+        # stdout closed early (`udfc info m | head -1`): stop quietly, as a killed pipe writer would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except KeyboardInterrupt:
         _fail("interrupted (Ctrl-C); no partial output was left")
         return 130
