@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from .errors import UDFCError
+from .errors import OptionError, UDFCError
 
 EPILOG = """examples:
   udfc demo                                   compress the bundled digits CNN, before/after table
@@ -22,8 +22,8 @@ EPILOG = """examples:
   udfc eval out.safetensors --data test.npz   top-1 accuracy (arrays x: N,C,H,W float; y: N int)
   udfc import keras model.keras model.safetensors
   udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6              Keras in, Keras out
-  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 \
-       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, TorchScript out
+  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 \
+       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, torch.export out
 """
 
 
@@ -83,7 +83,11 @@ def read_model(path: str, torch_module=None, input_shape=None):
             raise UDFCError("--torch-module needs --input-shape C,H,W")
         from converters import torch as ct  # noqa: PLC0415
 
-        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape)
+        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape, progress=True)
+    if path.endswith(".pt2"):
+        from converters.torch import refuse_pt2_input  # noqa: PLC0415
+
+        raise refuse_pt2_input(path)
     if path.endswith((".keras", ".h5", ".hdf5")):
         from converters import keras as ck  # noqa: PLC0415
 
@@ -93,20 +97,31 @@ def read_model(path: str, torch_module=None, input_shape=None):
     return load(path)
 
 
+def check_output_suffix(path: str) -> None:
+    """Refuse an output suffix no writer serves, before any work is done:
+    ``.pt`` / ``.pth`` TorchScript is no longer written (PyTorch 2.13
+    deprecates TorchScript); ``.pt2`` is the PyTorch output."""
+    if str(path).endswith((".pt", ".pth")):
+        raise OptionError(f"{path}: TorchScript output (.pt/.pth) is no longer written, PyTorch deprecates "
+                          f"TorchScript; write a torch.export program instead: {os.path.splitext(path)[0]}.pt2 "
+                          "(load it with torch.export.load)")
+
+
 def write_model(model, path: str, input_path=None) -> None:
-    """Save as udfc-ref (.safetensors, default), Keras (.keras) or TorchScript (.pt/.pth)."""
+    """Save as udfc-ref (.safetensors, default), Keras (.keras) or a torch.export program (.pt2)."""
     from .atomic import check_output_path
     from .io import save
 
     check_output_path(path, inputs=(input_path,))
+    check_output_suffix(path)
     if path.endswith(".keras"):
         from converters import keras as ck  # noqa: PLC0415
 
         ck.save_keras(model, path)
-    elif path.endswith((".pt", ".pth")):
+    elif path.endswith(".pt2"):
         from converters import torch as ct  # noqa: PLC0415
 
-        ct.save_torchscript(model, path)
+        ct.save_pt2(model, path)
     else:
         save(model, path, input_path=input_path)
 
@@ -154,6 +169,7 @@ def cmd_compress(a) -> int:
     from .atomic import check_output_path
 
     check_output_path(a.output, inputs=(a.input,))
+    check_output_suffix(a.output)
     if a.report:
         check_output_path(a.report, inputs=(a.input, a.output))
     m = read_model(a.input, a.torch_module, a.input_shape)
@@ -235,17 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
                               "--weight-bits 6 --method udfc --report report.json\n"
                               "  udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6\n"
-                              "  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 "
+                              "  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 "
                               "--prune-ratio 0.3 --weight-bits 6",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("input", help="udfc-ref .safetensors file, a Keras .keras/.h5 file, or PyTorch weights "
                                  "(with --torch-module)")
     s.add_argument("output", help="where to write the compressed model (atomically; never the input): "
-                                  ".safetensors udfc-ref file, .keras Keras model, or .pt/.pth TorchScript")
+                                  ".safetensors udfc-ref file, .keras Keras model, or .pt2 torch.export program")
     g = s.add_argument_group("PyTorch input")
     g.add_argument("--torch-module", metavar="SPEC",
                    help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
-    g.add_argument("--input-shape", metavar="C,H,W", help="input shape for tracing the PyTorch module")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
+                                                         "(torch.export)")
     add_compress_options(s)
     s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     s.set_defaults(func=cmd_compress)
