@@ -384,7 +384,11 @@ class Importer:
         return Value(nm, tuple(shape) if shape is not None else self.shape_of(node))
 
     def shape_of(self, node) -> tuple:
+        """The full static shape of ``node``'s value (of its first output for
+        multi-output ops)."""
         val = node.meta.get("val")
+        if isinstance(val, (tuple, list)) and val:
+            val = val[0]
         if not hasattr(val, "shape"):
             raise self.error(node, "its value is not a single tensor")
         try:

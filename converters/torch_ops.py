@@ -582,10 +582,8 @@ def max_pool2d(cv, node, a):
         raise cv.error(node, f"max pooling with dilation {a['dilation']} is not supported")
     x, k, stride, pad = _pool_common(cv, node, a, a["kernel_size"], float("-inf"))
     indices = len(node.target._schema.returns) > 1
-    val = node.meta.get("val")
-    out_shape = tuple(int(s) for s in (val[0] if indices else val).shape)
-    _check_ceil(cv, node, a, x, k, stride, pad, out_shape)
-    v = cv.emit(node, "max_pool2d", [x], {"kernel": k, "stride": stride, "padding": pad}, shape=out_shape)
+    _check_ceil(cv, node, a, x, k, stride, pad, cv.shape_of(node))
+    v = cv.emit(node, "max_pool2d", [x], {"kernel": k, "stride": stride, "padding": pad})
     return _multi(cv, node, v, "the indices of max pooling") if indices else v
 
 
@@ -620,12 +618,27 @@ def adaptive_avg_pool2d(cv, node, a):
 
 @aten("mean.dim")
 def mean(cv, node, a):
+    """Mean over H, W of (N, C, H, W): ``global_avg_pool``; over the trailing
+    axes of any other value (``x.flatten(2).mean(-1)``): a reshape to
+    (P, M, 1), ``global_avg_pool`` and a reshape to the result's shape."""
     x = cv.tensor(node, a["self"])
     dims = a.get("dim")
-    dims = [dims] if isinstance(dims, int) else list(dims or [])
     rank = len(x.shape)
+    dims = list(range(1, rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(int(d) + rank if int(d) < 0 else int(d) for d in dims)
-    if rank != 4 or dims != [2, 3] or a.get("dtype") is not None:
-        raise cv.error(node, f"mean over dims {dims} of a {rank}-D tensor is not supported (only the spatial dims "
-                             "(2, 3) of an (N, C, H, W) tensor: global average pooling)")
-    return cv.emit(node, "global_avg_pool", [x], {"keepdims": bool(a.get("keepdim", False))})
+    keep = bool(a.get("keepdim", False))
+    if a.get("dtype") is not None or not dims or dims != list(range(dims[0], rank)) or dims[0] < 1:
+        raise cv.error(node, f"mean over dims {dims} of a {rank}-D tensor is not supported (only over trailing "
+                             "per-sample axes, e.g. the spatial dims (2, 3) of an (N, C, H, W) tensor)")
+    if rank == 4 and dims == [2, 3]:
+        return cv.emit(node, "global_avg_pool", [x], {"keepdims": keep})
+    lead = int(np.prod(x.shape[1:dims[0]]))
+    inner = int(np.prod(x.shape[dims[0]:]))
+    base = cv.node_name(node)
+    r = cv.emit(node, "reshape", [x], {"shape": [lead, inner, 1]}, name=cv.node_name(node, base + ".reshape"),
+                shape=(x.shape[0], lead, inner, 1))
+    y = cv.emit(node, "global_avg_pool", [r], {"keepdims": False}, name=base, shape=(x.shape[0], lead))
+    out = cv.shape_of(node)
+    if out == y.shape:
+        return y
+    return cv.emit(node, "reshape", [y], {"shape": list(out[1:])}, name=cv.node_name(node, base + ".view"))
