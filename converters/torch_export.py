@@ -79,10 +79,22 @@ def module_names(model: Model) -> dict[str, str]:
     return safe_paths(used, reserved=_reserved_names())
 
 
-def _as_layer(n, params, all_names):
+def _count_under(names) -> dict:
+    """{path: number of names strictly under ``path.``} for every proper
+    prefix path of ``names`` (linear in their total length)."""
+    under: dict = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            p = ".".join(parts[:i])
+            under[p] = under.get(p, 0) + 1
+    return under
+
+
+def _as_layer(n, params, under):
     """The submodule path for node ``n`` if its (safe) tensor names ``params``
     (role -> name) are ``<path>.<role>`` and nothing else lives under
-    ``<path>.``; else None."""
+    ``<path>.`` (``under``: :func:`_count_under` of all names); else None."""
     if n.op not in _MODULE_ROLES or not params:
         return None
     prefixes = set()
@@ -95,10 +107,7 @@ def _as_layer(n, params, all_names):
     p = prefixes.pop()
     if not p or any(c == "" for c in p.split(".")):
         return None
-    own = set(params.values())
-    if any(x.startswith(p + ".") and x not in own for x in all_names):
-        return None
-    return p
+    return p if under.get(p, 0) == len(set(params.values())) else None
 
 
 class _Builder:
@@ -110,7 +119,7 @@ class _Builder:
         self.model = model
         self.names = module_names(model)  # original -> safe attribute path: file strings never become code
         self.original = {v: k for k, v in self.names.items()}
-        self.used = sorted(self.names.values())
+        self.under = _count_under(self.names.values())
         dts = {model.tensors[t].dtype for t in self.names}
         self.dtype = torch.float64 if dts == {np.dtype(np.float64)} else torch.float32
         self.root = torch.nn.Module()
@@ -151,7 +160,7 @@ class _Builder:
     def layer(self, n):
         """The submodule path node ``n`` becomes a real layer at, or None."""
         sp = self.safe(n)
-        path = _as_layer(n, sp, self.used)
+        path = _as_layer(n, sp, self.under)
         if path is not None and any(t in self.registered for t in sp.values()):
             return None  # a tensor shared with an earlier node: use it functionally
         return path

@@ -337,10 +337,8 @@ class Importer:
     def unpad(self, node, v, value: float):
         """(source activation, [t, b, l, r]) of ``v``: a pending pad with
         ``value`` hands its padding to the caller."""
-        if isinstance(v, PendingPad) and v.value == value and v.emitted is None:
+        if isinstance(v, PendingPad) and v.value == value:
             return v.src, list(v.pads)
-        if isinstance(v, PendingPad) and v.value == value and not any(v.pads):
-            return v.src, [0, 0, 0, 0]
         return self.tensor(node, v), [0, 0, 0, 0]
 
     def array(self, node, c: Const, role: str) -> np.ndarray:

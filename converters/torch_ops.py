@@ -542,7 +542,7 @@ def pad(cv, node, a):
         raise cv.error(node, f"only constant, non-negative padding of H and W of an (N, C, H, W) tensor is "
                              f"supported, got pad={p} mode={mode!r}")
     pads = [p[2], p[3], p[0], p[1]] if len(p) >= 4 else [0, 0, p[0], p[1]]
-    if isinstance(src, PendingPad) and src.value == value and src.emitted is None:  # pad of a pad
+    if isinstance(src, PendingPad) and src.value == value:  # pad of a pad
         return PendingPad(src.src, [x + y for x, y in zip(src.pads, pads)], value, node, shape)
     return PendingPad(cv.tensor(node, src), pads, value, node, shape)
 
