@@ -28,8 +28,12 @@ names from the layer that uses them (``<layer>.<role>``).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
+import traceback
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,6 +174,20 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else ""
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """Mute ``logging`` below ERROR and Python-level stderr while torch.export
+    runs: a failed capture logs warnings and prints graph dumps, and the user
+    gets it once, as a ConversionError (the exporter's own error is its cause)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(before)
+
+
 def capture(module, shape, dtype):
     """``torch.export`` the output-picking wrapper of ``module`` for a batch
     of EXPORT_BATCH inputs of per-sample ``shape``; functionalised when an
@@ -177,16 +195,18 @@ def capture(module, shape, dtype):
     torch = torch_module()
     x = torch.randn((EXPORT_BATCH,) + tuple(shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_logs():
             ep = torch.export.export(_head(module), (x,), strict=False)
     except UDFCError:
         raise
     except Exception as e:
+        own = _own_frame_of(e)
+        at = f" at {own[0]}:{own[1]} `{own[2]}`" if own else ""
         # chained (not suppressed): with --debug the traceback shows the frame of the model that failed
         raise ConversionError(f"torch.export cannot capture {type(module).__name__} for an input of shape "
-                              f"(N, {', '.join(map(str, shape))}): {type(e).__name__}: {_first_line(e)}") from e
+                              f"(N, {', '.join(map(str, shape))}){at}: {type(e).__name__}: {_first_line(e)}") from e
     if needs_functional(ep):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore", FutureWarning)
             ep = ep.run_decompositions({})
     return ep
@@ -258,13 +278,24 @@ def _own_frame(stack_trace: str | None):
     return None
 
 
+def _own_frame_of(e: BaseException):
+    """(file, line, code) of the innermost traceback frame of ``e`` outside
+    PyTorch and this converter: the model line where the capture failed."""
+    torch = torch_module()
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    for f in reversed(traceback.extract_tb(e.__traceback__)):
+        if not f.filename.startswith(skip) and not f.filename.startswith("<"):
+            return f.filename, f.lineno, (f.line or "").strip()
+    return None
+
+
 class Importer:
     """State of one ExportedProgram -> IR conversion.
 
     Handlers (``torch_ops.py``) use :meth:`tensor`, :meth:`unpad`,
     :meth:`param`, :meth:`emit`, :meth:`alias_of` and :meth:`error`."""
 
-    def __init__(self, ep, input_shape, progress=False):
+    def __init__(self, ep, input_shape, progress=None):
         self.torch = torch_module()
         self.ep = ep
         self.input_shape = tuple(input_shape)
@@ -288,7 +319,7 @@ class Importer:
         s = f"module {path!r} ({cls})" if path else (f"the top-level forward ({cls})" if cls else "the forward")
         own = _own_frame(node.meta.get("stack_trace"))
         if own is not None:
-            s += f", at {own[0]}:{own[1]}: {own[2]}"
+            s += f", at {own[0]}:{own[1]} `{own[2]}`"
         return s
 
     def error(self, node, msg: str) -> ConversionError:
@@ -460,7 +491,11 @@ class Importer:
         out_node = self._output_node()
         needed = self._needed(out_node)
         work = [n for n in self.ep.graph.nodes if n in needed and n.op == "call_function"]
-        bar = Progress(len(work), "import torch") if self.progress else None
+        # the caller's progress line (steps before the walk count as ``start``), or one of our own
+        bar, start = (self.progress, self.progress.total) if isinstance(self.progress, Progress) else \
+            (Progress(len(work), "import torch") if self.progress else None, 0)
+        if bar is not None:
+            bar.total = start + len(work) + (1 if start else 0)
         try:
             for i, node in enumerate(work):
                 args = self.bind(node)
@@ -474,9 +509,9 @@ class Importer:
                                                "docs/converters.md)")
                     self.env[node] = h(self, node, args)
                 if bar is not None:
-                    bar.update(i + 1, node.name)
+                    bar.update(start + i + 1, node.name)
         finally:
-            if bar is not None:
+            if bar is not None and not start:
                 bar.close()
         result = self.env[out_node]
         if isinstance(result, Const):
@@ -603,7 +638,8 @@ def to_udfc(module, input_shape, check: bool = True, progress: bool = False) -> 
         of CHECK_BATCH; raise ConversionError above CHECK_RTOL (relative to
         max |output|).
     progress : bool
-        Show a progress line on stderr when the walk takes over a second.
+        Show a progress line on stderr (capture, one step per ATen node,
+        check) when the import takes over a second.
 
     Returns
     -------
@@ -626,10 +662,17 @@ def to_udfc(module, input_shape, check: bool = True, progress: bool = False) -> 
     dtype = param_dtype(module)
     was_training = module.training
     module.eval()
+    from udfc_ref.progress import Progress  # noqa: PLC0415
+
+    bar = Progress(2, "import torch") if progress else None  # 2 steps, then the nodes, then the check
     try:
         x, ref = _reference(module, shape, dtype)
+        if bar is not None:
+            bar.update(1, "capturing with torch.export")
         ep = capture(module, shape, dtype)
-        model = Importer(ep, shape, progress=progress).run()
+        model = Importer(ep, shape, progress=bar).run()  # steps 3 .. 2 + nodes
+        if bar is not None:
+            bar.update(bar.total - 1, "checking against the PyTorch forward")
         if check:
             got = model.forward(x.numpy())
             want = ref.detach().cpu().numpy()
@@ -642,6 +685,8 @@ def to_udfc(module, input_shape, check: bool = True, progress: bool = False) -> 
                                       f"to max |output| (tolerance {CHECK_RTOL}); a layer was mis-mapped")
     finally:
         module.train(was_training)
+        if bar is not None:
+            bar.close()
     return model
 
 

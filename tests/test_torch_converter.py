@@ -186,6 +186,29 @@ def test_debug_traceback_reaches_the_model_source(tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_capture_failure_is_one_line_naming_the_model_line(tmp_path, capsys):
+    from udfc_ref.cli import main
+
+    (tmp_path / "ddnet.py").write_text("import torch\n\n"
+                                       "class Net(torch.nn.Module):\n"
+                                       "    def __init__(self):\n"
+                                       "        super().__init__()\n"
+                                       "        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n"
+                                       "    def forward(self, x):\n"
+                                       "        y = self.conv(x)\n"
+                                       "        if y.sum() > 0:  # data-dependent control flow\n"
+                                       "            return y.relu()\n"
+                                       "        return y\n")
+    args = ["import", "torch", str(tmp_path / "o.safetensors"), "--module", f"{tmp_path / 'ddnet.py'}:Net",
+            "--input-shape", "3,8,8"]
+    assert main(args) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1  # no torch log or graph dump around it
+    assert cap.err.startswith("udfc: error: torch.export cannot capture Net") and "ddnet.py:10 `if y.sum() > 0:" in cap.err
+    assert main(["--debug"] + args) == 1
+    assert 'ddnet.py", line 10, in forward' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("layer, msg", [
     (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "reflect"),
     (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
