@@ -293,7 +293,8 @@ class Importer:
     """State of one ExportedProgram -> IR conversion.
 
     Handlers (``torch_ops.py``) use :meth:`tensor`, :meth:`unpad`,
-    :meth:`param`, :meth:`emit`, :meth:`alias_of` and :meth:`error`."""
+    :meth:`param`, :meth:`node_name`, :meth:`emit`, :meth:`shape_of`,
+    :meth:`module_path` and :meth:`error`."""
 
     def __init__(self, ep, input_shape, progress=None):
         self.torch = torch_module()
@@ -303,6 +304,8 @@ class Importer:
         self.state = _State()
         self.state.used_names.add("input")
         self.env: dict = {}
+        #: dtype of tensors the converter derives (negated biases, spread scalars): the model input's
+        self.np_dtype = np.float32
 
     # ------------------------------------------------------------ naming
     def module_path(self, node) -> tuple[str, str]:
@@ -390,7 +393,7 @@ class Importer:
         most), else ``<prefix>.<role>``, made unique."""
         tensors = self.state.tensors
         own = self.array(node, c, role)
-        arr = own if array is None else np.asarray(array, dtype=own.dtype)
+        arr = own if array is None else np.asarray(array, dtype=self.np_dtype)
         if c.name is not None and arr.size == own.size and np.array_equal(arr.reshape(own.shape), own):
             have = tensors.get(c.name)
             if have is None:
@@ -454,6 +457,8 @@ class Importer:
         if len(user) != 1:
             raise ConversionError(f"the captured program has {len(user)} tensor inputs; the module must take one")
         self.env[user[0]] = Value("input", self.shape_of(user[0]))
+        if str(getattr(user[0].meta.get("val"), "dtype", "")) == "torch.float64":
+            self.np_dtype = np.float64
 
     def _needed(self, out_node):
         """The nodes ``out_node`` depends on (reverse reachability, linear)."""

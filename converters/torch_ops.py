@@ -331,18 +331,17 @@ def _affine(cv, node, x, c, scale=None, shift=None, x_coef=1.0):
     ``c`` (a tensor or a number): ``x * (scale * c)`` when ``scale`` is given,
     else ``x_coef * x + shift * c``."""
     x = cv.tensor(node, x)
-    axis, vec = _along_axis(cv, node, x, c)
+    axis, vec = _along_axis(cv, node, x, c)  # float64; param() stores it in the model's dtype
     name = cv.node_name(node)
-    nd = np.float64 if str(getattr(node.meta.get("val"), "dtype", "")) == "torch.float64" else np.float32
     src = c if isinstance(c, Const) else Const(cv.torch.tensor(float(c)))
     params = {}
     if scale is not None:
-        params["weight"] = cv.param(node, src, name, "weight", (scale * vec).astype(nd))
+        params["weight"] = cv.param(node, src, name, "weight", scale * vec)
     else:
         if x_coef != 1.0:
             params["weight"] = cv.param(node, Const(cv.torch.tensor(x_coef)), name, "weight",
-                                        np.full(vec.shape, x_coef, dtype=nd))
-        params["bias"] = cv.param(node, src, name, "bias", (shift * vec).astype(nd))
+                                        np.full(vec.shape, x_coef))
+        params["bias"] = cv.param(node, src, name, "bias", shift * vec)
     return cv.emit(node, "affine", [x], {"axis": axis}, params, name=name)
 
 

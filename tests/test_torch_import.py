@@ -175,6 +175,15 @@ def test_constants_become_affine_with_stable_names():
     assert all(np.array_equal(again.tensors[k], model.tensors[k]) for k in names)
 
 
+def test_float64_model_keeps_float64_constants():
+    net = families.randomize(Normalised(), 1).double()
+    model = ct.to_udfc(net, (3, 7, 5))
+    assert {t.dtype for t in model.tensors.values()} == {np.dtype(np.float64)}
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(model.forward(x.numpy()), net(x).numpy()) <= 1e-12
+
+
 class PerElement(nn.Module):
     def __init__(self):
         super().__init__()
