@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from udfc_ref.errors import ConversionError
 
-from .torch_common import CHECK_RTOL, NAMES_FILE, parse_shape as _parse_shape, torch_module as _torch
-from .torch_export import check_against as _check_against, module_names, pt2_bytes, save_pt2, save_torchscript, \
-    to_module
+# the private names are kept for callers of the former single-module converter (the CLI, benchmarks)
+from .torch_common import CHECK_RTOL, NAMES_FILE, parse_shape as _parse_shape, torch_module as _torch  # noqa: F401
+from .torch_export import check_against as _check_against  # noqa: F401
+from .torch_export import module_names, pt2_bytes, save_pt2, save_torchscript, to_module
 from .torch_import import EXPORT_BATCH, export, pick_output, to_udfc
 from .torch_weights import export_state_dict, load_module_spec, load_weights, read_state_dict
 
@@ -34,9 +35,6 @@ __all__ = [
     "save_pt2", "save_torchscript", "pt2_bytes", "module_names", "pick_output", "refuse_pt2_input", "CHECK_RTOL",
     "NAMES_FILE", "EXPORT_BATCH",
 ]
-
-# kept for callers of the former single-module converter
-_check_against, _parse_shape, _torch = _check_against, _parse_shape, _torch
 
 
 def refuse_pt2_input(path) -> ConversionError:

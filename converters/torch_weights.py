@@ -30,7 +30,8 @@ def instantiate(module):
             raise ConversionError(f"{getattr(module, '__name__', module)!r}() returned {type(m).__name__}, "
                                   "not a torch.nn.Module")
         return m
-    raise ConversionError(f"expected a torch.nn.Module, a class or a zero-argument factory, got {type(module).__name__}")
+    raise ConversionError("expected a torch.nn.Module, a class or a zero-argument factory, got "
+                          f"{type(module).__name__}")
 
 
 def read_state_dict(weights_path) -> dict:
@@ -81,7 +82,8 @@ def load_weights(module, weights_path):
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
         raise ConversionError(f"{weights_path} does not match {type(module).__name__}: " + "; ".join(parts))
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+           if tuple(sd[k].shape) != tuple(own[k].shape)]
     if bad:
         raise ConversionError(f"{weights_path}: tensor shapes differ from {type(module).__name__}: "
                               + ", ".join(bad[:6]))

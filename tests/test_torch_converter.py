@@ -204,7 +204,8 @@ def test_capture_failure_is_one_line_naming_the_model_line(tmp_path, capsys):
     assert main(args) == 1
     cap = capsys.readouterr()
     assert cap.out == "" and cap.err.count("\n") == 1  # no torch log or graph dump around it
-    assert cap.err.startswith("udfc: error: torch.export cannot capture Net") and "ddnet.py:10 `if y.sum() > 0:" in cap.err
+    assert cap.err.startswith("udfc: error: torch.export cannot capture Net")
+    assert "ddnet.py:10 `if y.sum() > 0:" in cap.err
     assert main(["--debug"] + args) == 1
     assert 'ddnet.py", line 10, in forward' in capsys.readouterr().err
 
@@ -328,7 +329,8 @@ def _run_without_udfc(tmp_path, pt2, x):
     np.save(tmp_path / "x.npy", np.asarray(x))
     code = ("import sys; sys.modules['udfc_ref'] = None; sys.modules['converters'] = None\n"
             "import numpy as np, torch\n"
-            f"m = torch.export.load({str(pt2)!r}).module(); x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
+            f"m = torch.export.load({str(pt2)!r}).module()\n"
+            f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
             "with torch.no_grad():\n"
             f"    np.save({str(tmp_path / 'y.npy')!r}, m(x).numpy())\n")
     r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:torch", "-c", code], cwd=str(tmp_path),
