@@ -278,7 +278,7 @@ def test_output_suffix_picks_the_format_unknown_is_a_usage_error(model_file, tmp
     out = tmp_path / name
     before = files_in(tmp_path)
     assert run(["compress", model_file, out, "--prune-ratio", "0.3"]) == 2
-    one_error_line(capsys, ".safetensors (udfc-ref)", ".keras (Keras)", ".pt/.pth (TorchScript)")
+    one_error_line(capsys, ".safetensors (udfc-ref)", ".keras (Keras)", ".pt2 (torch.export)")
     assert files_in(tmp_path) == before
 
 

@@ -30,8 +30,8 @@ EPILOG = """examples:
   udfc eval out.safetensors --data test.npz   top-1 accuracy (arrays x: N,C,H,W float; y: N int)
   udfc import keras model.keras model.safetensors
   udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6              Keras in, Keras out
-  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 \\
-       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, TorchScript out
+  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 \\
+       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, torch.export out
 
 exit status: 0 success, 1 error (one 'udfc: error:' line; --debug shows the traceback),
 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 output pipe closed
@@ -52,10 +52,10 @@ def _write_keras(model, path, input_path=None) -> None:
     ck.save_keras(model, path)
 
 
-def _write_torchscript(model, path, input_path=None) -> None:
+def _write_pt2(model, path, input_path=None) -> None:
     from converters import torch as ct  # noqa: PLC0415
 
-    ct.save_torchscript(model, path)
+    ct.save_pt2(model, path)
 
 
 #: output suffix -> (format name, writer(model, path, input_path)).  The one
@@ -65,9 +65,14 @@ def _write_torchscript(model, path, input_path=None) -> None:
 OUTPUT_FORMATS: dict[str, tuple[str, object]] = {
     ".safetensors": ("udfc-ref", _write_udfc),
     ".keras": ("Keras", _write_keras),
-    ".pt": ("TorchScript", _write_torchscript),
-    ".pth": ("TorchScript", _write_torchscript),
+    ".pt2": ("torch.export", _write_pt2),
 }
+#: suffixes refused as outputs, with the reason (checked before any work)
+REFUSED_OUTPUTS = {
+    ".pt": "TorchScript output (.pt/.pth) is no longer written, PyTorch deprecates TorchScript; write a "
+           "torch.export program instead: {stem}.pt2 (load it with torch.export.load)",
+}
+REFUSED_OUTPUTS[".pth"] = REFUSED_OUTPUTS[".pt"]
 
 
 def register_output_format(suffix: str, name: str, writer) -> None:
@@ -80,7 +85,7 @@ def register_output_format(suffix: str, name: str, writer) -> None:
 
 
 def supported_outputs() -> str:
-    """'.safetensors (udfc-ref), .keras (Keras), .pt/.pth (TorchScript)'."""
+    """'.safetensors (udfc-ref), .keras (Keras), .pt2 (torch.export)'."""
     by_name: dict[str, list[str]] = {}
     for suffix, (name, _) in OUTPUT_FORMATS.items():
         by_name.setdefault(name, []).append(suffix)
@@ -90,7 +95,10 @@ def supported_outputs() -> str:
 def output_format(path: str) -> tuple[str, object]:
     """(format name, writer) for ``path`` by its suffix; ValueError naming
     the supported suffixes otherwise."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    stem, suffix = os.path.splitext(os.fspath(path))
+    suffix = suffix.lower()
+    if suffix in REFUSED_OUTPUTS:
+        raise ValueError(f"{os.fspath(path)}: " + REFUSED_OUTPUTS[suffix].format(stem=stem))
     if suffix not in OUTPUT_FORMATS:
         what = f"suffix {suffix!r}" if suffix else "no suffix"
         raise ValueError(f"output {os.fspath(path)!r} has {what}; the suffix picks the format, supported: "
@@ -231,7 +239,11 @@ def read_model(path: str, torch_module=None, input_shape=None):
             raise UDFCError("--torch-module needs --input-shape C,H,W")
         from converters import torch as ct  # noqa: PLC0415
 
-        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape)
+        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape, progress=True)
+    if path.lower().endswith(".pt2"):
+        from converters.torch import refuse_pt2_input  # noqa: PLC0415
+
+        raise refuse_pt2_input(path)
     if path.lower().endswith(KERAS_SUFFIXES):
         from converters import keras as ck  # noqa: PLC0415
 
@@ -387,18 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
                               "--weight-bits 6 --method udfc --report report.json\n"
                               "  udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6\n"
-                              "  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 "
+                              "  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 "
                               "--prune-ratio 0.3 --weight-bits 6",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("input", help="udfc-ref .safetensors file, a Keras .keras/.h5 file, or PyTorch weights "
                                  "(with --torch-module)")
     s.add_argument("output", type=_model_output,
                    help="where to write the compressed model (atomically; never the input); the suffix picks "
-                        "the format: .safetensors udfc-ref, .keras Keras, .pt/.pth TorchScript")
+                        "the format: .safetensors udfc-ref, .keras Keras, .pt2 torch.export program")
     g = s.add_argument_group("PyTorch input")
     g.add_argument("--torch-module", metavar="SPEC",
                    help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
-    g.add_argument("--input-shape", metavar="C,H,W", help="input shape for tracing the PyTorch module")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
+                                                         "(torch.export)")
     add_compress_options(s)
     s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON (atomically)")
     s.set_defaults(func=cmd_compress)
