@@ -8,6 +8,7 @@ the model's own ``param_count`` / ``weight_bytes`` / ``flops``.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -17,13 +18,13 @@ import numpy as np
 import pytest
 
 import udfc_ref
-from udfc_ref import sweep as S
 from udfc_ref.cli import main
 from udfc_ref.errors import NumericError, OptionError, UDFCError
 from udfc_ref.evaldata import DataError, open_data
 from udfc_ref.evaluate import top1
 from udfc_ref.examples import EXAMPLE_TEST_ACCURACY, example_data_path, example_model_path
 
+S = importlib.import_module("udfc_ref.sweep")  # the module (udfc_ref.sweep, the attribute, is the function)
 MODEL, DATA = example_model_path(), example_data_path()
 GRID = dict(prune_ratios=[0.0, 0.3], weight_bits=[None, 4], methods=["none", "udfc"])
 
@@ -243,6 +244,10 @@ def test_data_error_on_dask_stops_the_sweep(client, tmp_path, example):
 
 
 # ----------------------------------------------------------------------------- optional parts
+
+def test_public_api():
+    assert udfc_ref.sweep is S.sweep and "sweep" in udfc_ref.__all__
+
 
 def test_core_imports_without_dask():
     code = ("import sys, udfc_ref, udfc_ref.sweep, udfc_ref.cli; udfc_ref.cli.build_parser(); "

@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="FILE", help="also save the compressed example")
     s.set_defaults(func=cmd_demo)
 
-    from . import sweep as sw
+    from .sweep import parse_bits, parse_floats, parse_ints, parse_switch, parse_words
 
     s = sub.add_parser(
         "sweep", help="the accuracy-compression grid: compress + evaluate every combination of options",
@@ -298,23 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test set: .npz with x (N, C, H, W) float and y (N,) int, or a directory with x.npy and "
                         "y.npy; memory-mapped (store the .npz uncompressed, np.savez, for data larger than memory)")
     g = s.add_argument_group("grid (comma-separated lists; the grid is their product)")
-    g.add_argument("--prune-ratios", type=sw.parse_floats, default=[0.0, 0.1, 0.3, 0.5], metavar="LIST",
+    g.add_argument("--prune-ratios", type=parse_floats, default=[0.0, 0.1, 0.3, 0.5], metavar="LIST",
                    help="fractions in [0, 1) of channels removed (default 0,0.1,0.3,0.5)")
-    g.add_argument("--weight-bits", type=sw.parse_bits, default=[None, 8, 6, 4], metavar="LIST",
+    g.add_argument("--weight-bits", type=parse_bits, default=[None, 8, 6, 4], metavar="LIST",
                    help="weight bits, 2..8 or 16, 'none' for float (default none,8,6,4)")
-    g.add_argument("--methods", type=sw.parse_words, default=["none", "nm", "udfc"], metavar="LIST",
+    g.add_argument("--methods", type=parse_words, default=["none", "nm", "udfc"], metavar="LIST",
                    help="compensation methods among udfc, nm, none (default none,nm,udfc)")
-    g.add_argument("--criteria", type=sw.parse_words, default=["l1"], metavar="LIST",
+    g.add_argument("--criteria", type=parse_words, default=["l1"], metavar="LIST",
                    help="channel scores among l1, l2, l1-bn, l2-bn (default l1)")
     for flag, what in (("--bias-correction", "DFQ bias correction"), ("--per-tensor", "one scale per tensor"),
                        ("--asymmetric", "asymmetric quantization"), ("--mse-clip", "MSE clipping search")):
-        g.add_argument(flag, type=sw.parse_switch, default=[False], metavar="{off,on,both}",
+        g.add_argument(flag, type=parse_switch, default=[False], metavar="{off,on,both}",
                        help=f"{what}: off (default), on, or both (two cells)")
-    g.add_argument("--alpha1", type=sw.parse_floats, default=[0.01], metavar="LIST",
+    g.add_argument("--alpha1", type=parse_floats, default=[0.01], metavar="LIST",
                    help="UDFC ridge weights of the pruning solve (default 0.01)")
-    g.add_argument("--alpha2", type=sw.parse_floats, default=[0.008], metavar="LIST",
+    g.add_argument("--alpha2", type=parse_floats, default=[0.008], metavar="LIST",
                    help="UDFC weights pulling quantization rescales to 1 (default 0.008)")
-    g.add_argument("--min-keep", type=sw.parse_ints, default=[1], metavar="LIST",
+    g.add_argument("--min-keep", type=parse_ints, default=[1], metavar="LIST",
                    help="channels every pruned layer keeps at least (default 1)")
     g.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers every cell leaves untouched")
     g = s.add_argument_group("output")

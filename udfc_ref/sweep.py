@@ -34,6 +34,7 @@ Dask is imported only inside the functions that use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -294,6 +295,22 @@ def _import_distributed():
         raise OptionError(f"the Dask backend needs the optional extra 'dask' ({DASK_EXTRA}); without it run the "
                           "sequential mode (workers=0, --workers 0)") from None
     return distributed
+
+
+@contextlib.contextmanager
+def dask_client(scheduler=None, workers=None):
+    """A ``distributed.Client`` for several sweeps on one cluster::
+
+        with dask_client(workers=4) as c:
+            for path in models:
+                sweep(path, data, scheduler=c, ...)
+
+    ``scheduler``: address of an existing cluster; otherwise a LocalCluster
+    of ``workers`` processes (default one per core), closed on exit."""
+    if scheduler is not None and workers is not None:
+        raise OptionError("give either scheduler (an existing cluster) or workers (a local one), not both")
+    with contextlib.ExitStack() as stack:
+        yield _open_client(scheduler, workers, stack)
 
 
 def _open_client(scheduler, workers, stack):
@@ -693,9 +710,7 @@ bias_correction, min_keep :
                  bias_correction, min_keep, skip)
     _check_cells(m, cells)
 
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         client = local = None
         if os.path.exists(data) or not dask_mode:  # read here; with Dask, start no cluster unless there is work
             local = open_data(data)
@@ -816,5 +831,5 @@ def format_rows(rows) -> str:
     return "\n".join(out)
 
 
-__all__ = ["sweep", "grid", "cell_key", "read_rows", "rows_bytes", "plot_rows", "format_rows", "count_correct",
+__all__ = ["sweep", "dask_client", "grid", "cell_key", "read_rows", "rows_bytes", "plot_rows", "format_rows", "count_correct",
            "auto_chunk_size", "FIELDS", "OPTION_FIELDS", "RESULT_FIELDS", "TIMING_FIELDS", "DataError", "UDFCError"]
