@@ -101,6 +101,18 @@ def test_dask_gives_the_sequential_numbers_with_chunked_tasks(client, sequential
     assert count == {"_task_compress": 8, "_task_eval": 8 * 5, "_task_reduce": 8}
 
 
+def test_grid_is_the_product_in_option_order():
+    cells = S.grid(prune_ratios=[0, 0.0, 0.5], weight_bits=None, methods=["udfc", "nm"], bias_correction=[False, True],
+                   skip="c1")
+    assert [(c["prune_ratio"], c["method"], c["bias_correction"]) for c in cells] == [
+        (0.0, "udfc", False), (0.0, "udfc", True), (0.0, "nm", False), (0.0, "nm", True),
+        (0.5, "udfc", False), (0.5, "udfc", True), (0.5, "nm", False), (0.5, "nm", True)]  # 0 and 0.0: one cell
+    assert all(c["weight_bits"] is None and c["skip"] == ["c1"] and c["alpha1"] == 0.01 for c in cells)
+    keys = {S.cell_key(c, "m", "d", 10) for c in cells}
+    assert len(keys) == 8 and S.cell_key(cells[0], "m", "d", 11) not in keys
+    assert S.cell_key(cells[0], "m2", "d", 10) not in keys and S.cell_key(cells[0], "m", "d2", 10) not in keys
+
+
 def test_auto_chunk_size_spreads_a_small_grid_over_many_workers():
     cs = S.auto_chunk_size(n_test=10_000, batch_size=100, sample_bytes=4, slots=40, n_cells=4)
     assert cs % 100 == 0 and 4 * -(-10_000 // cs) >= 80  # 4 cells keep 40 workers busy twice over

@@ -531,23 +531,24 @@ def _read_model(model):
         path = os.fspath(model)
     except TypeError:
         raise OptionError(f"sweep: model must be a Model or a file path, got {type(model).__name__}") from None
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: no such file")
     if path.endswith((".keras", ".h5", ".hdf5")):
         from converters import keras as ck  # noqa: PLC0415
 
         m = ck.read(path)
         blob = to_bytes(m)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        sha = h.hexdigest()
     elif path.endswith((".pt", ".pth")):
         raise FormatError(f"{path}: convert a PyTorch model first (udfc import torch ...), then sweep the "
                           ".safetensors file")
     else:
-        m = load(path)
+        m = load(path)  # checks the file and names what is wrong with it
         with open(path, "rb") as f:
             blob = f.read()
-    with open(path, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
-            hashlib.sha256(f.read()).hexdigest()
+        sha = hashlib.sha256(blob).hexdigest()
     return m, blob, sha, os.path.basename(path)
 
 
@@ -731,7 +732,9 @@ bias_correction, min_keep :
         done = {r["key"]: r for r in old if not r.get("error")}
         todo = [{"options": {k: c[k] for k in OPTION_FIELDS}, "key": c["_key"]} for c in cells
                 if c["_key"] not in done]
-        results: dict[str, dict] = {k: done[k] for k in keys if k in done}
+        # finished rows, and failed ones until their retry finishes (an interrupted retry loses nothing)
+        by_key = {r["key"]: r for r in old}
+        results: dict[str, dict] = {k: by_key[k] for k in keys if k in by_key}
         others = [r for r in old if r["key"] not in set(keys)]
         state = {"written": time.monotonic(), "dirty": False, "failed": 0, "n": 0}
 
@@ -742,8 +745,8 @@ bias_correction, min_keep :
                 state["written"] = time.monotonic()
 
         say = log or (lambda msg: None)
-        if len(results):
-            say(f"{len(results)} of {len(keys)} cells are already in {out} (not recomputed)")
+        if len(keys) - len(todo):
+            say(f"{len(keys) - len(todo)} of {len(keys)} cells are already in {out} (not recomputed)")
         bar = Progress(len(todo), f"sweep {name}") if progress and todo else None
         t_start = time.perf_counter()
 
@@ -767,8 +770,9 @@ bias_correction, min_keep :
                 flush()
             if bar is not None:
                 o = cell["options"]
-                note = f"r={o['prune_ratio']:g} b={o['weight_bits'] or 'float'} {o['method']}" \
-                       + (f", {state['failed']} failed" if state["failed"] else "")
+                rate = (time.perf_counter() - t_start) / state["n"]
+                note = f"{rate:.1f} s/cell, last r={o['prune_ratio']:g} b={o['weight_bits'] or 'float'} " \
+                       f"{o['method']}" + (f", {state['failed']} failed" if state["failed"] else "")
                 bar.update(state["n"], note)
 
         try:
