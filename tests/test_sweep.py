@@ -291,13 +291,13 @@ def test_plot(tmp_path, sequential_rows):
 def test_cli_sweep_sequential_then_local_cluster(tmp_path, capsys, example):
     model, x, y = example
     out1, out2 = tmp_path / "a.csv", tmp_path / "b.csv"
-    args = ["sweep", MODEL, "--data", DATA, "--prune-ratios", "0.3", "--weight-bits", "none,6",
+    args = ["sweep", MODEL, "--data", DATA, "--prune-ratios", "0.3", "--weight-bits", "6",
             "--methods", "none,udfc", "--bias-correction", "both"]
     assert main(args + ["--out", str(out1), "--workers", "0"]) == 0
     text = capsys.readouterr().out
-    assert text.count("\n") == 1 + 8 + 1 and "bias_correction" in text and f"wrote {out1}" in text
+    assert text.count("\n") == 1 + 4 + 1 and "bias_correction" in text and f"wrote {out1}" in text
     rows = S.read_rows(out1)
-    assert len(rows) == 8
+    assert len(rows) == 4
     for r in rows:
         small, _ = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=r["weight_bits"], method=r["method"],
                                      bias_correction=r["bias_correction"])
@@ -310,7 +310,7 @@ def test_cli_sweep_sequential_then_local_cluster(tmp_path, capsys, example):
     assert _strip(S.read_rows(out2)) == _strip(rows)
     # a rerun reuses every row
     assert main(args + ["--out", str(out2), "--workers", "2"]) == 0
-    assert "8 of 8 cells are already in" in capsys.readouterr().err
+    assert "4 of 4 cells are already in" in capsys.readouterr().err
 
 
 def test_cli_sweep_errors(tmp_path, capsys, monkeypatch):

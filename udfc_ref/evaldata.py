@@ -125,7 +125,8 @@ def _open_npz(path: str):
             x = _npz_member(path, zf, "x.npy")
             y = _npz_member(path, zf, "y.npy")
     except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{path}: cannot read as .npz ({e})") from None
+        raise DataError(f"{path}: cannot read as .npz ({e}); a test set is an .npz with arrays x, y or a directory "
+                        "with x.npy, y.npy") from None
     mapped = x is not None
     if x is None or y is None:
         try:
