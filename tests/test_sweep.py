@@ -243,6 +243,16 @@ def test_data_errors_stop_the_sweep(tmp_path, example):
     np.savez(tmp_path / "nolabels.npz", x=x)
     with pytest.raises(DataError, match="needs arrays 'x' and 'y'"):
         S.sweep(MODEL, str(tmp_path / "nolabels.npz"), workers=0)
+    np.savez(tmp_path / "labels.npz", x=x, y=np.where(np.arange(len(y)) == 7, 10, y))
+    with pytest.raises(DataError, match=r"1 of 540 labels lie outside the model's 10 classes"):
+        S.sweep(MODEL, str(tmp_path / "labels.npz"), workers=0)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataError, match="a .npy file"):
+        S.sweep(MODEL, str(tmp_path / "x.npy"), workers=0)
+    os.mkfifo(tmp_path / "fifo.npz")  # never opened for reading: that would block
+    with pytest.raises(DataError, match="not a regular file"):
+        S.sweep(MODEL, str(tmp_path / "fifo.npz"), workers=0)
+    assert not out.exists()  # nothing was written: every data check comes before any work
 
 
 def test_data_error_on_dask_stops_the_sweep(client, tmp_path, example):
@@ -316,20 +326,20 @@ def test_cli_sweep_sequential_then_local_cluster(tmp_path, capsys, example):
 def test_cli_sweep_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o.csv"
     base = ["sweep", MODEL, "--data", DATA, "--out", str(out), "--workers", "0"]
-    assert main(base + ["--prune-ratios", "0.3,1.5"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("udfc: error: prune ratio must be") and not out.exists()
+    # bad values are usage errors (exit 2, one line), before any work
+    for bad, msg in ((["--prune-ratios", "0.3,1.5"], "prune ratio must be"), (["--prune-ratios", "0.3,,0.5"], "list"),
+                     (["--methods", "udfc,magic"], "expected one of"), (["--weight-bits", "6,9"], "weight bits"),
+                     (["--bias-correction", "maybe"], "off, on or both"), (["--plot", "p.gif"], "must end in .png"),
+                     (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not allowed with"),
+                     (["--batch-size", "0"], ">= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(base[:-2] + bad if "--workers" in bad else base + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("udfc: error:") and msg in err[0], (bad, err)
+    assert not out.exists()
     with pytest.raises(SystemExit) as e:
-        main(base + ["--prune-ratios", "0.3,,0.5"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(base + ["--bias-correction", "maybe"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(base[:-2] + ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
-    assert e.value.code == 2
-    assert main(base + ["--plot", str(tmp_path / "p.gif")]) == 1
-    assert "must end in .png" in capsys.readouterr().err
+        main(["sweep", MODEL, "--data", DATA, "--out", str(tmp_path / "o.txt")])
+    assert e.value.code == 2 and "must end in .csv or .json" in capsys.readouterr().err
     # failed cells: the rows are written, the exit status is 1 with one line naming the first error
     _counting(monkeypatch, fail=lambda o: o["method"] == "nm")
     assert main(base + ["--prune-ratios", "0.3", "--weight-bits", "6"]) == 1

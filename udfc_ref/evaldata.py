@@ -24,12 +24,15 @@ import os
 import struct
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FormatError
+from .atomic import check_input_file, open_input
+from .errors import FormatError, UDFCError
+from .evaluate import _member_header
 
 #: files up to this size are hashed whole; larger ones are fingerprinted by samples
 FULL_HASH_BYTES = 256 * 1024 * 1024
@@ -81,62 +84,56 @@ def _files_of(path: str) -> list[str]:
     return [path]
 
 
-def _npz_member(path: str, zf: zipfile.ZipFile, name: str):
-    """Memory-map member ``name`` of the open zip ``zf`` (an .npz) when it is
-    stored uncompressed; return None when it must be decompressed."""
-    info = zf.getinfo(name)
+def _npz_member(path: str, fh, zf: zipfile.ZipFile, key: str):
+    """Member ``key`` of the open .npz ``zf``: checked like ``udfc eval``
+    checks it (``evaluate._member_header``: compression method, header,
+    dtype, size), then memory-mapped at its byte offset when it is stored
+    uncompressed, else decompressed whole."""
+    info = zf.getinfo(key + ".npy")
+    shape, dtype = _member_header(zf, info, path, key)
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise DataError(f"{path}: member {name!r}: bad zip local header")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len  # the local extra field may differ from the central one
-        f.seek(start)
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return None  # another .npy version: let np.load read it
-        except ValueError as e:
-            raise DataError(f"{path}: member {name!r} is not a .npy array ({e})") from None
-        offset = f.tell()
-    if dtype.hasobject:
-        raise DataError(f"{path}: member {name!r} holds Python objects; only numeric arrays are read")
-    if offset - start + int(np.prod(shape)) * dtype.itemsize > info.file_size:
-        raise DataError(f"{path}: member {name!r} is truncated")
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+        with zf.open(info) as m:
+            return np.lib.format.read_array(m, allow_pickle=False), False
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise DataError(f"{path}: array {key!r}: bad zip local header (corrupt file)")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    # the local extra field may differ from the central directory's
+    start = info.header_offset + 30 + name_len + extra_len
+    fh.seek(start)
+    # checked above (version 1.0 or 2.0); read again here only for the memory order
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    fortran = read(fh)[1]
+    need = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    offset = start + info.file_size - need
+    if need == 0:
+        return np.zeros(shape, dtype), True
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
+                     order="F" if fortran else "C"), True
 
 
 def _open_npz(path: str):
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if "x.npy" not in names or "y.npy" not in names:
-                have = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names) or "none"
-                raise DataError(f"{path}: needs arrays 'x' and 'y', has {have}")
-            x = _npz_member(path, zf, "x.npy")
-            y = _npz_member(path, zf, "y.npy")
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{path}: cannot read as .npz ({e}); a test set is an .npz with arrays x, y or a directory "
-                        "with x.npy, y.npy") from None
-    mapped = x is not None
-    if x is None or y is None:
+    with open_input(path) as fh:  # a regular file: never block on a FIFO
+        if fh.read(6) == b"\x93NUMPY":
+            raise DataError(f"{path}: a .npy file (one array); a test set is an .npz with arrays x and y "
+                            "(numpy.savez(path, x=x, y=y)) or a directory with x.npy and y.npy")
+        fh.seek(0)
         try:
-            with np.load(path, allow_pickle=False) as f:
-                if x is None:
-                    x = f["x"]
-                if y is None:
-                    y = f["y"]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path}: cannot read as .npz ({e})") from None
+            with zipfile.ZipFile(fh) as zf:
+                names = zf.namelist()
+                if "x.npy" not in names or "y.npy" not in names:
+                    have = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names[:8]) or "none"
+                    raise DataError(f"{path}: needs arrays 'x' and 'y', has {have}")
+                x, mapped = _npz_member(path, fh, zf, "x")
+                y, _ = _npz_member(path, fh, zf, "y")
+        except UDFCError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise DataError(f"{path}: cannot read as .npz ({msg}); a test set is an .npz with arrays x, y or a "
+                            "directory with x.npy, y.npy") from None
     return x, y, mapped
 
 
@@ -144,12 +141,17 @@ def _open_dir(path: str):
     out = []
     for name in ("x.npy", "y.npy"):
         p = os.path.join(path, name)
-        if not os.path.isfile(p):
+        if not os.path.exists(p):
             raise DataError(f"{path}: a data directory needs x.npy and y.npy; {name} is missing")
+        check_input_file(p)  # a regular file: never block on a FIFO
         try:
-            out.append(np.load(p, mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{p}: cannot read as .npy ({e})") from None
+            a = np.load(p, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - NumPy's header parser raises ValueError, SyntaxError, ...
+            raise DataError(f"{p}: cannot read as .npy ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+                from None
+        if not isinstance(a, np.ndarray) or a.dtype.hasobject or a.dtype.names is not None:
+            raise DataError(f"{p}: expected an array of plain numbers")
+        out.append(a)
     return out[0], out[1], True
 
 
@@ -168,13 +170,15 @@ def open_data(path) -> EvalData:
         Missing file or array, wrong rank / dtype, labels not matching ``x``.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        x, y, mapped = _open_dir(path)
-    elif os.path.isfile(path):
-        x, y, mapped = _open_npz(path)
-    else:
+    if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory (the test set: an .npz with x, y or a directory "
                         "with x.npy, y.npy)")
+    try:
+        x, y, mapped = _open_dir(path) if os.path.isdir(path) else _open_npz(path)
+    except DataError:
+        raise
+    except UDFCError as e:  # the checks shared with ``udfc eval`` raise FormatError: a data error here
+        raise DataError(str(e)) from None
     if x.ndim != 4 or x.dtype.kind != "f":
         raise DataError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":

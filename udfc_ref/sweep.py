@@ -65,6 +65,9 @@ RESULT_FIELDS = ("top1", "correct", "params", "bytes", "macs", "params_before", 
                  "seconds", "error")
 #: the columns of a result file, in order
 FIELDS = ("model", "data", "n_test") + OPTION_FIELDS + RESULT_FIELDS + ("model_sha256", "data_hash", "key")
+#: suffixes of a result file / a plot
+RESULT_SUFFIXES = (".csv", ".json")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 #: columns that differ between two runs of the same cell (wall-clock time)
 TIMING_FIELDS = ("compress_seconds", "eval_seconds", "seconds")
 DASK_EXTRA = "pip install 'udfc-ref[dask]'"
@@ -221,15 +224,22 @@ def _model_from_bytes(blob: bytes, sha: str):
     return model
 
 
-def _describe(d) -> dict:
-    """Size, sample shape and fingerprint of an opened test set."""
+def _describe(d, n_classes: int) -> dict:
+    """Size, sample shape and fingerprint of an opened test set, whose
+    labels are checked against the model's ``n_classes`` outputs."""
+    from .evaluate import check_labels
+
+    try:
+        check_labels(d.y, n_classes, where=f"{d.path}: 'y'")
+    except UDFCError as e:
+        raise DataError(str(e)) from None
     return {"n": d.n, "sample_shape": list(d.sample_shape), "sample_bytes": d.sample_bytes, "mapped": d.mapped,
             "data_hash": data_fingerprint(d.path)}
 
 
-def _task_describe(path: str) -> dict:
+def _task_describe(path: str, n_classes: int) -> dict:
     """:func:`_describe` where the workers see the test set."""
-    return _describe(open_data(path))
+    return _describe(open_data(path), n_classes)
 
 
 def _task_compress(model_blob: bytes, model_sha: str, options: dict) -> dict:
@@ -347,8 +357,8 @@ def _open_client(scheduler, workers, stack):
     return client
 
 
-def _describe_on(client, path) -> dict:
-    return client.submit(_task_describe, path, pure=False).result()
+def _describe_on(client, path, n_classes) -> dict:
+    return client.submit(_task_describe, path, n_classes, pure=False).result()
 
 
 def _run_dask(client, model_blob, model_sha, data_path, n_test, batch_size, chunk_size, todo, emit) -> None:
@@ -568,23 +578,26 @@ def _check_out(path, what, suffixes, inputs):
     check_output_path(p, inputs=inputs)
 
 
-def parse_floats(s: str) -> list[float]:
-    """``"0,0.1,0.3"`` -> [0.0, 0.1, 0.3] (an argparse type)."""
-    return [_item(float, x, "a number") for x in _split(s)]
+# ----------------------------------------------------------------------------- argparse types
+
+def list_of(item):
+    """An argparse type: a comma-separated list, each element through the
+    argparse type ``item`` (``"0,0.1,0.3"`` -> [0.0, 0.1, 0.3])."""
+    def parse(s: str) -> list:
+        items = [x.strip() for x in s.split(",")]
+        if not s.strip() or any(not x for x in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+        return [item(x) for x in items]
+    return parse
 
 
-def parse_ints(s: str) -> list[int]:
-    return [_item(int, x, "an int") for x in _split(s)]
-
-
-def parse_bits(s: str) -> list:
-    """``"none,8,6,4"`` -> [None, 8, 6, 4]; ``none``/``float``/``32``: float weights."""
-    return [None if x.lower() in ("none", "float", "32") else _item(int, x, "an int (2..8, 16) or 'none'")
-            for x in _split(s)]
-
-
-def parse_words(s: str) -> list[str]:
-    return _split(s)
+def one_of(choices):
+    """An argparse type: one of ``choices``."""
+    def parse(s: str) -> str:
+        if s not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {s!r}")
+        return s
+    return parse
 
 
 def parse_switch(s: str) -> list[bool]:
@@ -595,18 +608,13 @@ def parse_switch(s: str) -> list[bool]:
     return v
 
 
-def _split(s: str) -> list[str]:
-    items = [x.strip() for x in s.split(",")]
-    if not s.strip() or any(not x for x in items):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
-    return items
-
-
-def _item(conv, x, what):
-    try:
-        return conv(x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{x!r} is not {what}") from None
+def suffix_type(suffixes):
+    """An argparse type: a path ending in one of ``suffixes``."""
+    def parse(s: str) -> str:
+        if not s.lower().endswith(suffixes):
+            raise argparse.ArgumentTypeError(f"{s!r} must end in {' or '.join(suffixes)} (the suffix picks the format)")
+        return s
+    return parse
 
 
 def auto_chunk_size(n_test, batch_size, sample_bytes, slots, n_cells) -> int:
@@ -695,9 +703,9 @@ bias_correction, min_keep :
         raise OptionError(f"sweep: data must be a path, got {type(data).__name__}") from None
     model_path = None if hasattr(model, "nodes") else model
     if out is not None:
-        _check_out(out, "result file", (".csv", ".json"), (model_path, data))
+        _check_out(out, "result file", RESULT_SUFFIXES, (model_path, data))
     if plot is not None:
-        _check_out(plot, "plot", (".png", ".pdf", ".svg"), (model_path, data, out))
+        _check_out(plot, "plot", PLOT_SUFFIXES, (model_path, data, out))
         try:
             import matplotlib  # noqa: F401, PLC0415
         except ImportError:
@@ -710,15 +718,16 @@ bias_correction, min_keep :
     cells = grid(prune_ratios, weight_bits, methods, criteria, per_tensor, asymmetric, mse_clip, alpha1, alpha2,
                  bias_correction, min_keep, skip)
     _check_cells(m, cells)
+    n_classes = int(np.prod(m.shapes[m.output_name]))
 
     with contextlib.ExitStack() as stack:
         client = local = None
         if os.path.exists(data) or not dask_mode:  # read here; with Dask, start no cluster unless there is work
             local = open_data(data)
-            desc = _describe(local)
+            desc = _describe(local, n_classes)
         else:  # only the workers of a remote cluster see this path
             client = _open_client(scheduler, workers, stack)
-            desc = _describe_on(client, data)
+            desc = _describe_on(client, data, n_classes)
         if tuple(desc["sample_shape"]) != tuple(m.input_shape):
             raise DataError(f"{data}: samples are {tuple(desc['sample_shape'])}, the model {name!r} takes "
                             f"{tuple(m.input_shape)}")
@@ -781,7 +790,8 @@ bias_correction, min_keep :
             elif dask_mode:
                 if client is None:
                     client = _open_client(scheduler, workers, stack)
-                    if scheduler is not None and _describe_on(client, data)["data_hash"] != desc["data_hash"]:
+                    remote = _describe_on(client, data, n_classes) if scheduler is not None else desc
+                    if remote["data_hash"] != desc["data_hash"]:
                         raise DataError(f"{data}: the Dask workers see another file at this path than this "
                                         "machine (different content)")
                 cs = chunk_size or auto_chunk_size(n_test, batch_size, desc["sample_bytes"],
