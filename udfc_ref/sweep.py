@@ -785,9 +785,7 @@ bias_correction, min_keep :
                 bar.update(state["n"], note)
 
         try:
-            if not todo:
-                pass
-            elif dask_mode:
+            if todo and dask_mode:
                 if client is None:
                     client = _open_client(scheduler, workers, stack)
                     remote = _describe_on(client, data, n_classes) if scheduler is not None else desc
@@ -797,7 +795,7 @@ bias_correction, min_keep :
                 cs = chunk_size or auto_chunk_size(n_test, batch_size, desc["sample_bytes"],
                                                    sum(client.nthreads().values()), len(todo))
                 _run_dask(client, blob, model_sha, data, n_test, batch_size, cs, todo, emit)
-            else:
+            elif todo:
                 _run_sequential(m, local, n_test, batch_size, todo, emit)
         finally:
             if bar is not None:
@@ -845,5 +843,5 @@ def format_rows(rows) -> str:
     return "\n".join(out)
 
 
-__all__ = ["sweep", "dask_client", "grid", "cell_key", "read_rows", "rows_bytes", "plot_rows", "format_rows", "count_correct",
-           "auto_chunk_size", "FIELDS", "OPTION_FIELDS", "RESULT_FIELDS", "TIMING_FIELDS", "DataError", "UDFCError"]
+__all__ = ["sweep", "dask_client", "grid", "cell_key", "read_rows", "rows_bytes", "plot_rows", "format_rows",
+           "count_correct", "auto_chunk_size", "FIELDS", "OPTION_FIELDS", "RESULT_FIELDS", "TIMING_FIELDS", "DataError"]
