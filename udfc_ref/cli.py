@@ -363,6 +363,25 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .progress import message
+    from .sweep import format_rows, sweep
+
+    rows = sweep(a.model, a.data, prune_ratios=a.prune_ratios, weight_bits=a.weight_bits, methods=a.methods,
+                 criteria=a.criteria, per_tensor=a.per_tensor, asymmetric=a.asymmetric, mse_clip=a.mse_clip,
+                 alpha1=a.alpha1, alpha2=a.alpha2, bias_correction=a.bias_correction, min_keep=a.min_keep,
+                 skip=a.skip, out=a.out, plot=a.plot, scheduler=a.scheduler, workers=a.workers,
+                 batch_size=a.batch_size, chunk_size=a.chunk_size, max_samples=a.max_samples, progress=True,
+                 log=message)
+    print(format_rows(rows))
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        raise UDFCError(f"{len(failed)} of {len(rows)} cells failed (their rows in {a.out} hold the error; a rerun "
+                        f"retries them); first: {failed[0]['error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="udfc",
@@ -427,6 +446,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the model compressed with --method (suffix picks the format; never the "
                         "bundled files)")
     s.set_defaults(func=cmd_demo)
+
+    from .compression import CRITERIA, METHODS
+    from .sweep import PLOT_SUFFIXES, RESULT_SUFFIXES, list_of, one_of, parse_switch, suffix_type
+
+    s = sub.add_parser(
+        "sweep", help="the accuracy-compression grid: compress + evaluate every combination of options",
+        description="Compress MODEL with every combination of the listed options (the grid) and measure each "
+                    "result on the test set: top-1, parameters, weight bytes, MACs, the report's predicted error "
+                    "(Eq. E2), seconds. One row per cell in --out; rows already there are not recomputed. Runs on "
+                    "a local Dask cluster (default), an existing one (--scheduler) or sequentially (--workers 0). "
+                    "See docs/sweep.md.",
+        epilog="examples:\n  udfc sweep model.safetensors --data test.npz --out results.csv --plot results.png\n"
+               "  udfc sweep model.safetensors --data test.npz --prune-ratios 0,0.3,0.5 --weight-bits none,6,4 "
+               "--methods nm,udfc --bias-correction both --out results.csv\n"
+               "  udfc sweep model.safetensors --data /shared/test.npz --scheduler tcp://10.0.0.5:8786 "
+               "--out results.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model", help="udfc-ref .safetensors file (or .keras/.h5, converted on the fly)")
+    s.add_argument("--data", required=True, metavar="TEST",
+                   help="test set: .npz with x (N, C, H, W) float and y (N,) int, or a directory with x.npy and "
+                        "y.npy; memory-mapped (store the .npz uncompressed, np.savez, for data larger than memory)")
+    g = s.add_argument_group("grid (comma-separated lists; the grid is their product)")
+    g.add_argument("--prune-ratios", type=list_of(_ratio), default=[0.0, 0.1, 0.3, 0.5], metavar="LIST",
+                   help="fractions in [0, 1) of channels removed (default 0,0.1,0.3,0.5)")
+    g.add_argument("--weight-bits", type=list_of(_bits), default=[None, 8, 6, 4], metavar="LIST",
+                   help="weight bits, 2..8 or 16, 'none' for float (default none,8,6,4)")
+    g.add_argument("--methods", type=list_of(one_of(METHODS)), default=["none", "nm", "udfc"], metavar="LIST",
+                   help="compensation methods among udfc, nm, none (default none,nm,udfc)")
+    g.add_argument("--criteria", type=list_of(one_of(CRITERIA)), default=["l1"], metavar="LIST",
+                   help="channel scores among l1, l2, l1-bn, l2-bn (default l1)")
+    for flag, what in (("--bias-correction", "DFQ bias correction"), ("--per-tensor", "one scale per tensor"),
+                       ("--asymmetric", "asymmetric quantization"), ("--mse-clip", "MSE clipping search")):
+        g.add_argument(flag, type=parse_switch, default=[False], metavar="{off,on,both}",
+                       help=f"{what}: off (default), on, or both (two cells)")
+    g.add_argument("--alpha1", type=list_of(_nonnegative), default=[0.01], metavar="LIST",
+                   help="UDFC ridge weights of the pruning solve (default 0.01)")
+    g.add_argument("--alpha2", type=list_of(_nonnegative), default=[0.008], metavar="LIST",
+                   help="UDFC weights pulling quantization rescales to 1 (default 0.008)")
+    g.add_argument("--min-keep", type=list_of(_positive_int), default=[1], metavar="LIST",
+                   help="channels every pruned layer keeps at least (default 1)")
+    g.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers every cell leaves untouched")
+    g = s.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="FILE", type=suffix_type(RESULT_SUFFIXES),
+                   help="results, .csv or .json (by suffix), one row per cell, rewritten atomically as cells "
+                        "finish; rows already in it are not recomputed (failed ones are retried)")
+    g.add_argument("--plot", metavar="FILE", type=suffix_type(PLOT_SUFFIXES),
+                   help="also plot top-1 against bytes and MACs (.png, .pdf, .svg; needs matplotlib)")
+    g = s.add_argument_group("execution")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see --data at "
+                        "the same path")
+    x.add_argument("--workers", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), metavar="N",
+                   help="local Dask cluster of N worker processes (default: one per core); 0 runs sequentially "
+                        "in this process, without Dask")
+    g.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="samples per forward pass (default 256)")
+    g.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                   help="samples per evaluation task, a multiple of --batch-size (default: automatic)")
+    g.add_argument("--max-samples", type=_positive_int, metavar="N", help="evaluate on the first N samples only")
+    s.set_defaults(func=cmd_sweep)
 
     try:
         from converters import cli as ccli
