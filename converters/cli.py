@@ -34,6 +34,11 @@ examples:
 """
 
 
+KERAS_BACKEND_NOTE = ("Keras backend: KERAS_BACKEND if set, else the backend of ~/.keras/keras.json; when "
+                      "TensorFlow is not installed and neither names another installed backend, udfc uses the "
+                      "PyTorch backend (KERAS_BACKEND=torch).")
+
+
 def _keras():
     try:
         from converters import keras as ck  # noqa: PLC0415
@@ -127,8 +132,16 @@ def add_subcommands(subparsers) -> None:
     s.set_defaults(func=cmd_import_torch)
 
     s = fw.add_parser(
-        "keras", help="a Keras .keras or .h5 model file",
-        description="Convert a Keras model file to a udfc-ref file.", epilog=IMPORT_EPILOG, formatter_class=fmt)
+        "keras", help="a Keras .keras or .h5 model file (read without importing Keras)",
+        description="Convert a Keras 3 .keras archive or a legacy .h5 file (Sequential or functional, one NHWC "
+                    "image input) to a udfc-ref file; the file is read with zipfile/h5py, Keras is not needed. "
+                    "Supported layers: Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, "
+                    "LayerNormalization, Rescaling, Normalization, ReLU, Softmax, Activation (relu, relu6, "
+                    "sigmoid, silu/swish, hard_sigmoid, hard_silu/hard_swish, gelu, softmax), pooling, "
+                    "ZeroPadding2D, Flatten, Reshape, Permute, Add, Multiply, Concatenate, Dropout and other "
+                    "no-op layers, keras.ops arithmetic with constants (docs/converters.md). "
+                    + KERAS_BACKEND_NOTE,
+        epilog=IMPORT_EPILOG, formatter_class=fmt)
     s.add_argument("src", metavar="IN.keras|IN.h5", help="Keras model file (never modified)")
     s.add_argument("out", metavar="OUT.safetensors", help="udfc-ref file to write (atomically)")
     s.set_defaults(func=cmd_import_keras)
@@ -152,8 +165,13 @@ def add_subcommands(subparsers) -> None:
     s.set_defaults(func=cmd_export_torch)
 
     s = fw.add_parser(
-        "keras", help="Keras .keras model file",
-        description="Write a Keras model rebuilt from a udfc-ref file.", epilog=EXPORT_EPILOG, formatter_class=fmt)
-    s.add_argument("src", metavar="IN.safetensors", help="udfc-ref file (never modified)")
-    s.add_argument("out", metavar="OUT.keras", help="Keras model file to write (atomically)")
+        "keras", help="Keras .keras model file (loads with keras.saving.load_model)",
+        description="Write a Keras 3 functional model rebuilt from a udfc-ref file (quantized weights as their "
+                    "dequantized floats). Layer names Keras refuses (e.g. 'features.0') are replaced by safe "
+                    "ones; the original names are recorded in the archive (udfc_names.json) and restored when "
+                    "udfc reads the file. The file is loaded back with Keras and checked against the udfc-ref "
+                    "forward before it is written. " + KERAS_BACKEND_NOTE,
+        epilog=EXPORT_EPILOG, formatter_class=fmt)
+    s.add_argument("src", metavar="IN.safetensors", help="udfc-ref file, or a Keras .keras/.h5 file (never modified)")
+    s.add_argument("out", metavar="OUT.keras", help="Keras model file to write (atomically; must end in .keras)")
     s.set_defaults(func=cmd_export_keras)
