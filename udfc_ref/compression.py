@@ -11,6 +11,7 @@ by the consumers (``rewrite.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -18,9 +19,9 @@ from collections import Counter
 
 import numpy as np
 
-from .checks import check_numbers
+from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
-from .errors import OptionError
+from .errors import NumericError, OptionError
 from .graph import Model
 from .pairs import find_pairs
 from .progress import Progress
@@ -57,6 +58,21 @@ def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, a
                               + (" ..." if len(layers) > 8 else "") + ")")
 
 
+def _checked_numerics(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off.  Weights near the
+    float limit overflow on the way (a cast to float32, a square); instead of
+    a warning per operation, every result is checked explicitly - finite pair
+    statistics before each solve, :func:`check_layer` after each rewrite,
+    :func:`check_numbers` on the whole output - and a non-finite one is a
+    NumericError naming the layer."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_checked_numerics
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
@@ -187,9 +203,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         else:
             st = _pair_stats(Wd, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
                              out if bias_correction else None, node)
+        if method == "udfc" and not all(np.all(np.isfinite(v)) for v in (st.mean_a, st.var_a, st.mean_q, st.cov_q,
+                                                                        st.cross)):
+            raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
+                               "the weights or BN statistics are too large for this compression")
         T0, t0_ = drop(st, n_out)
         if method == "udfc":
-            T, tt = udfc(st, n_out, alpha1, alpha2)
+            T, tt = _solved(udfc, onode, st, n_out, alpha1, alpha2)
         elif method == "nm":
             # on a depthwise chain, merging partners are chosen on the producer filters and BN
             T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
@@ -208,6 +228,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
             weights += (cw**2).sum(axis=(0, 2))
             absorb(out, out.node(c.node.name), T, tt, wc.dtype)
+            check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
+                        f"--skip {onode.name} or --method none avoids it")
             in_kept[c.node.name] = kept
         denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
         err0 = float(weights @ objective(st, T0, t0_)) / denom
@@ -238,6 +260,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "unpruned": dict(unpruned),
     }
     out.validate()
+    try:
+        check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
+    except NumericError as e:
+        raise NumericError(f"the compressed model: {e}") from None
     t = tick("validate", t)
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
@@ -314,6 +340,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
     deq = q.dequantize()
     model.tensors[key] = deq
     model.quant[key] = q
+    check_layer(model, node, f"{bits}-bit quantization", f"--skip {node.name} avoids it")
     quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
     return deq.astype(np.float64) - w.astype(np.float64)
 
@@ -334,4 +361,14 @@ def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> n
     else:
         shift = np.einsum("ocr,c->o", eps_w.reshape(eps_w.shape[0], m.shape[0], -1), m)
     shift_output(model, node, -shift, model.tensors[node.params["weight"]].dtype)
+    check_layer(model, node, "bias correction", "leave out --bias-correction")
     return shift
+
+
+def _solved(solver, onode, *args):
+    """``solver(*args)``; a solve that fails to converge is a NumericError naming the layer."""
+    try:
+        return solver(*args)
+    except np.linalg.LinAlgError as e:
+        raise NumericError(f"layer {onode.name!r}: the compensation solve failed ({e}); the layer's weights or "
+                           "BN statistics are too extreme for this compression") from None
