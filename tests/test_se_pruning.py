@@ -330,3 +330,22 @@ def test_separable_conv_chain_without_bn_after_the_depthwise():
     assert rel(small.forward(X), y) <= 1e-5
     dropped, _ = compress(m, prune_ratio=0.125, method="none", skip=["sep.pw"])
     assert rel(dropped.forward(X), y) > 1e-3
+
+
+def test_depthwise_statistics_equal_the_dense_layout(monkeypatch):
+    """The data model's shortcut for depthwise convs (G = C o (W R_s W^T), one-channel
+    filters for D3 / D6) gives the statistics of the dense zero-padded layout (D1)."""
+    from udfc_ref import datamodel
+
+    for m in (mbconv_net(3, hidden=16), mbconv_net(4, tf_pad=True, act="hardswish", gate="hardsigmoid")):
+        fast = DataModel(m)
+        monkeypatch.setattr(datamodel, "depthwise_filters", lambda model, node: None)
+        dense = DataModel(m)
+        monkeypatch.undo()
+        for k, v in dense.values.items():
+            w = fast.values[k]
+            assert (v is None) == (w is None), k
+            if v is not None:
+                np.testing.assert_allclose(w.mean, v.mean, rtol=1e-12, atol=1e-12 * np.abs(v.mean).max())
+                np.testing.assert_allclose(w.cov, v.cov, rtol=1e-12, atol=1e-12 * np.abs(v.cov).max())
+                assert (v.rho is None and w.rho is None) or abs(v.rho - w.rho) <= 1e-12, k

@@ -251,7 +251,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
 
     if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
         widths = [orig.shapes[p.producer.output][0] for p in pairs]
-        warnings.warn(_nothing_pruned(prune_ratio, widths, unpruned, len(layer_nodes), weight_bits), stacklevel=2)
+        warnings.warn(_nothing_pruned(prune_ratio, widths, unpruned, len(layer_nodes), weight_bits),
+                      stacklevel=3)  # the caller of compress (through _checked_numerics)
     out.record = {
         "method": method, "prune_ratio": prune_ratio, "weight_bits": weight_bits, "criterion": criterion,
         "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,

@@ -64,6 +64,18 @@ def dense_filters(model: Model, node: Node) -> np.ndarray:
     return dense
 
 
+def depthwise_filters(model: Model, node: Node) -> np.ndarray | None:
+    """(N, K) float64 filters of a depthwise conv (groups = input channels =
+    output channels, one K-position filter per channel), else None."""
+    if node.op != "conv2d" or node.attrs["groups"] == 1:
+        return None
+    w = model.tensors[node.params["weight"]]
+    n = model.shapes[node.inputs[0]][0]
+    if node.attrs["groups"] != n or w.shape[:2] != (n, 1):
+        return None
+    return w.reshape(n, -1).astype(np.float64)
+
+
 def spatial_positions(node: Node, model: Model) -> np.ndarray:
     """(K, 2) grid coordinates of a producer's input positions (Eq. D2)."""
     if node.op == "conv2d":
@@ -280,28 +292,39 @@ class DataModel:
                 p = m.producer(n.inputs[0])
                 if p is not None and p.op == "flatten":
                     src = self.values.get(p.inputs[0])
-            f = dense_filters(m, n)
+            dwf = depthwise_filters(m, n)
+            f = dense_filters(m, n) if dwf is None else None
+            c_in = f.shape[1] if dwf is None else dwf.shape[0]
             if src is None:
-                src = ValueStats(np.zeros(f.shape[1]), np.eye(f.shape[1]))
-            if f.shape[1] != src.mean.shape[0]:
+                src = ValueStats(np.zeros(c_in), np.eye(c_in))
+            if c_in != src.mean.shape[0]:
                 return None
             pos = spatial_positions(n, m)
+            # a depthwise conv's channel i sees input channel i only: the diagonal quantities (D3, D6) are
+            # those of one-channel filters w_i sqrt(C_ii) on a unit input (Eq. D1 without its zeros)
+            fd = f if dwf is None else (dwf * np.sqrt(np.clip(np.diag(src.cov), 0, None))[:, None])[:, None, :]
+            cd = src.cov if dwf is None else np.eye(1)
             nxt = m.consumers(n.output)
             if src.rho is not None and (n.op == "conv2d" or pos.shape[0] > 1):
                 rho = src.rho  # Eq. D6-D8: propagated
             elif len(nxt) == 1 and nxt[0].op == "batch_norm":
                 var = m.param(nxt[0], "running_var").astype(np.float64) + nxt[0].attrs["eps"]
-                rho = fit_rho_s(f, src.cov, pos, var)  # Eq. D3: calibrated on the BN variances
+                rho = fit_rho_s(fd, cd, pos, var)  # Eq. D3: calibrated on the BN variances
             else:
                 rho = 0.0
             im = InputModel(src.mean, src.cov, rho, pos)
             self.inputs[n.name] = im
-            g = im.gram(f, f)
-            mean = im.mean_dot(f)
+            if dwf is None:
+                g = im.gram(f, f)
+                mean = im.mean_dot(f)
+            else:  # G_ij = C_ij w_i R_s w_j^T: O(N^2 K) instead of the dense O(N^3 K)
+                g = src.cov * (dwf @ im.r_s() @ dwf.T)
+                mean = src.mean * dwf.sum(1)
             b = m.param(n, "bias")
             if b is not None:
                 mean = mean + b
-            rho_out = lag_correlation(f, im, n.attrs["stride"]) if n.op == "conv2d" else None
+            im_d = im if dwf is None else InputModel(np.zeros(1), cd, rho, pos)
+            rho_out = lag_correlation(fd, im_d, n.attrs["stride"]) if n.op == "conv2d" else None
             return ValueStats(mean, g, rho_out)
         if n.op == "batch_norm":
             src = ins[0]
