@@ -44,7 +44,8 @@ if ROOT not in sys.path:
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.sweep import dask_client, sweep  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist")
+MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
+          "efficientnet_mnist", "mobilenetv3_mnist")
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)
 BITS = (None, 8, 6, 4)
 METHODS = ("none", "nm", "udfc")
