@@ -76,7 +76,7 @@ def _checked_numerics(fn):
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
-             min_keep: int = 1, progress: bool = False) -> tuple[Model, Report]:
+             min_keep: int = 1, progress: bool = False, exact: bool = False) -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -93,6 +93,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
     progress : show a progress line on stderr when the work takes over a second.
+    exact : build the data model's covariances in float64 with the Mehler series to 1e-10
+        (the reference path) instead of float32 (faster, half the memory; within the
+        tolerance stated in ``docs/derivation.md``, "Precision").
 
     Returns
     -------
@@ -127,7 +130,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     for s in skip:
         unpruned[s] = "skipped by request"
     t = time.perf_counter()
-    dm = DataModel(orig, lazy=True) if pairs or (weight_bits is not None and bias_correction) else None
+    dm = DataModel(orig, lazy=True, dtype=np.float64 if exact else np.float32) if pairs or (weight_bits is not None and bias_correction) else None
     t = tick("data model", t)
 
     qkw = dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip)

@@ -117,19 +117,87 @@ def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
     return np.where(live, out, 0.0)
 
 
-def _terms_needed(rho, n_max, same, tol=1e-10):
-    """How many Hermite terms matter: |rho|^n below ``tol`` past that (the
-    diagonal of a same-channel matrix, rho = 1, is set exactly anyway)."""
+#: an entry's Mehler series stops after the first ``n`` with ``|rho|^(n+1) <= MEHLER_TOL``
+#: (the remainder is then below ``MEHLER_TOL * sqrt(Var_i Var_k)``, Eq. M3')
+MEHLER_TOL = 1e-10
+#: the same for float32 covariances: float32's resolution, 2^-23 (Eq. M3', derivation "Precision")
+MEHLER_TOL32 = 2.0**-23
+#: elements of the (rows, B) block the Horner loop works on (cache sized)
+MEHLER_BLOCK = 16384
+#: cost of one gathered term relative to one term of the blocked Horner loop
+_GATHER_COST = 6.0
+
+
+def _thresholds(n_max: int, tol: float) -> np.ndarray:
+    """thr[n] = tol^(1/(n+1)), n = 0..n_max: an entry needs at most n terms
+    when |rho| <= thr[n]."""
+    return tol ** (1.0 / (np.arange(n_max + 1) + 1.0))
+
+
+def _common_depth(a: np.ndarray, thr: np.ndarray) -> int:
+    """The number of terms the blocked Horner loop sums for every entry: the
+    one minimising (terms for all) + (extra terms for the gathered rest), the
+    distribution of |rho| estimated from an evenly strided sample."""
+    n_max = thr.size - 1
+    flat = a.reshape(-1)
+    step = max(1, flat.size // 8192)
+    sample = np.sort(flat[::step])
+    # fraction of entries needing more than n terms, n = 0..n_max
+    above = 1.0 - np.searchsorted(sample, thr, side="right") / max(sample.size, 1)
+    cost = np.arange(n_max + 1) + _GATHER_COST * above * (n_max - np.arange(n_max + 1))
+    return int(max(1, np.argmin(cost[1:]) + 1))
+
+
+def mehler_sum(rho: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray, same: bool = False,
+               tol: float = MEHLER_TOL) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``S_ik = sum_{n=1}^{n_ik} rho_ik^n c_n(i) c_n(k)`` (Eq. M3), each entry
+    cut after its own ``n_ik`` = the first n with ``|rho_ik|^(n+1) <= tol`` (at
+    most ``coef.shape[0]`` terms).  By Cauchy-Schwarz the omitted remainder is
+    ``|sum_{m>n} rho^m c_m(i) c_m(k)| <= |rho|^(n+1) sqrt(Var_i Var_k)``, so every
+    entry is within ``tol sqrt(Var_i Var_k)`` of the full series.
+
+    All entries go through a cache-blocked Horner loop of a common depth;
+    the entries that need more terms are completed from a gathered list.
+    With ``same`` the diagonal is excluded from the term counts (its caller
+    sets it exactly).  Returns ``(S, (i, k))``, the indices of the entries
+    whose series is not done after ``n_max`` terms (``|rho|^(n_max+1) > tol``)."""
+    n_max = coef_a.shape[0]
+    nr, nc = rho.shape
     a = np.abs(rho)
-    if same and a.shape[0] == a.shape[1] and a.shape[0] > 1:
+    if same and nr == nc and nr > 1:
         a = a.copy()
         np.fill_diagonal(a, 0.0)
-    rmax = float(a.max()) if a.size else 0.0
-    if rmax >= 1.0 - 1e-12:
-        return n_max
-    if rmax <= 0.0:
-        return 1
-    return int(min(n_max, max(1, np.ceil(np.log(tol) / np.log(rmax)))))
+    thr = _thresholds(n_max, tol)
+    n1 = _common_depth(a, thr) if a.size else 1
+    out = np.empty_like(rho)
+    rows = max(1, MEHLER_BLOCK // max(nc, 1))
+    tmp = np.empty((min(rows, nr), nc), dtype=rho.dtype)
+    for r0 in range(0, nr, rows):
+        r1 = min(r0 + rows, nr)
+        rb, ob, tb = rho[r0:r1], out[r0:r1], tmp[: r1 - r0]
+        np.multiply(coef_a[n1 - 1, r0:r1, None], coef_b[n1 - 1, None, :], out=ob)
+        for n in range(n1 - 2, -1, -1):
+            ob *= rb
+            np.multiply(coef_a[n, r0:r1, None], coef_b[n, None, :], out=tb)
+            ob += tb
+        ob *= rb
+    if n1 >= n_max:
+        return out, np.nonzero(a > thr[n_max])
+    i, k = np.nonzero(a > thr[n1])
+    if i.size:
+        r = rho[i, k]
+        ar = np.abs(r)
+        deepest = int(np.searchsorted(thr, float(ar.max()), side="left"))  # first n with thr[n] >= max |r|
+        deepest = min(max(deepest, n1 + 1), n_max)
+        p = r ** n1
+        acc = np.zeros_like(r)
+        for n in range(n1 + 1, deepest + 1):
+            p *= r
+            acc += p * coef_a[n - 1, i] * coef_b[n - 1, k]
+        out[i, k] += acc
+        tail = ar > thr[n_max]
+        i, k = i[tail], k[tail]
+    return out, (i, k)
 
 
 def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
@@ -137,26 +205,25 @@ def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=Fals
 
     rho : (A, B) correlation of the standardised pre-activations;
     coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
-    The series stops after the term where ``max |rho|^n`` falls below 1e-10
-    (at most ``N_HERMITE`` terms).
-    With ``var_a``/``var_b`` (the exact variances) the truncated tail
+    Each entry's series stops after the first term ``n`` with
+    ``|rho|^(n+1) <= MEHLER_TOL`` (at most ``N_HERMITE`` terms; :func:`mehler_sum`).
+    With ``var_a``/``var_b`` (the exact variances), for the entries still
+    above the tolerance after ``N_HERMITE`` terms the truncated tail
     ``r = Var - sum_n c_n^2`` is added as ``rho^(n+1) sqrt(r_i r_k)`` (Eq. M3'),
     so that two channels with rho = 1 and equal marginals get exactly their
     variance; ``same=True`` (the two sets are the same channels) puts the exact
     variance on the diagonal.
     """
-    rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
-    n_terms = _terms_needed(rho, coef_a.shape[0], same)
-    # Horner: sum_n rho^n A_n = rho (A_1 + rho (A_2 + ... rho (A_n + rho * tail)))
-    out = np.zeros_like(rho)
-    if var_a is not None and var_b is not None:
-        ra = np.sqrt(np.clip(var_a - (coef_a[:n_terms] ** 2).sum(0), 0, None))
-        rb = np.sqrt(np.clip(var_b - (coef_b[:n_terms] ** 2).sum(0), 0, None))
-        np.multiply(ra[:, None], rb[None, :], out=out)
-    for n in range(n_terms - 1, -1, -1):
-        out *= rho
-        out += coef_a[n][:, None] * coef_b[n][None, :]
-    out *= rho
+    rho = np.asarray(rho)
+    dt = rho.dtype if rho.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    rho = np.clip(rho.astype(dt, copy=False), -1.0, 1.0)
+    n_terms = coef_a.shape[0]
+    out, (i, k) = mehler_sum(rho, coef_a.astype(dt), coef_b.astype(dt), same,
+                             MEHLER_TOL if dt == np.float64 else MEHLER_TOL32)
+    if var_a is not None and var_b is not None and i.size:
+        ra = np.sqrt(np.clip(var_a - (coef_a**2).sum(0), 0, None))
+        rb = np.sqrt(np.clip(var_b - (coef_b**2).sum(0), 0, None))
+        out[i, k] += (rho[i, k].astype(np.float64) ** (n_terms + 1) * ra[i] * rb[k]).astype(dt)
     if same and var_a is not None:
         np.fill_diagonal(out, var_a)
     return out

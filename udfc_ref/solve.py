@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .datamodel import gram_sym
 from .moments import activation_covariance, activation_mean_var, hermite_coefficients
 
 
@@ -73,19 +74,33 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     # alike; rho, delta, scale are ratios): a power of two divides out exactly (bit-identical
     # results), so weights near the float limit cannot overflow the squares below
     c = _pow2(max(float(np.abs(W).max(initial=0.0)), float(np.abs(Wq).max(initial=0.0))))
+    A = im.cached(W)  # (Sigma_x W^T) as (N, K, C), as the data model computed it for this layer
+    if A is not None and c != 1.0:
+        A = A / c  # exact (a power of two), unless it overflowed unscaled
+        A = A if np.all(np.isfinite(A)) else None
     if c != 1.0:
         W, Wq = W / c, Wq / c
         extra_shift = None if extra_shift is None else extra_shift / c
-    A = im.cov_times(W)  # (Sigma_x W^T) as (N, K, C), computed once
-    Wq_t = Wq.transpose(0, 2, 1).reshape(Wq.shape[0], -1)
-    G = np.einsum("nkc,nkc->n", A, W.transpose(0, 2, 1))
+    if A is None:
+        A = im.cov_times(W)
+    n, m = W.shape[0], Wq.shape[0]
+    dt = A.dtype  # the data model's precision (float32 fast path, float64 exact reference)
+    Wq_t = np.ascontiguousarray(Wq.transpose(0, 2, 1), dtype=dt).reshape(m, -1)
+    G = np.einsum("nkc,nck->n", A, W)  # diag(W Sigma_x W^T), float64
     s = np.sqrt(np.clip(G, 0, None))
-    Gq = im.cov_times(Wq).reshape(Wq.shape[0], -1) @ Wq_t.T
-    sq = np.sqrt(np.clip(np.diag(Gq), 0, None))
-    Gx = A.reshape(A.shape[0], -1) @ Wq_t.T
-    rho_q = _safe_div(Gq, np.outer(sq, sq))
+    Gq = gram_sym(im.cov_times(Wq).reshape(m, -1), Wq_t)  # G~ = W~ Sigma_x W~^T, symmetric
+    sq = np.sqrt(np.clip(np.diag(Gq).astype(np.float64), 0, None))
+    rho_x = A.reshape(n, -1) @ Wq_t.T  # G_x = W Sigma_x W~^T, normalised in place below
+    # sign of gamma flips the sign of u: rho = sgn_i sgn_k G_ik / (s_i s_k), 0 where s_i s_k = 0
+    sgn = np.where(gamma < 0, -1.0, 1.0)
+    inv_s = np.where(s > 0, sgn / np.where(s > 0, s, 1.0), 0.0)
+    inv_sq = np.where(sq > 0, sgn[kept] / np.where(sq > 0, sq, 1.0), 0.0)
+    rho_x *= inv_s.astype(dt)[:, None]
+    rho_x *= inv_sq.astype(dt)[None, :]
+    rho_q = Gq
+    rho_q *= inv_sq.astype(dt)[:, None]
+    rho_q *= inv_sq.astype(dt)[None, :]
     np.fill_diagonal(rho_q, 1.0)
-    rho_x = _safe_div(Gx, np.outer(s, sq))
     sk = s[kept]
     shift = im.mean_dot(Wq - W[kept])
     if extra_shift is not None:
@@ -100,12 +115,8 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     mean_q, var_q = activation_mean_var(bq, gq, act)
     ca = hermite_coefficients(b, g, act)
     cq = hermite_coefficients(bq, gq, act)
-    # sign of gamma flips the sign of u
-    sgn = np.where(gamma < 0, -1.0, 1.0)
-    rho_x = rho_x * sgn[:, None] * sgn[kept][None, :]
-    rho_q = rho_q * sgn[kept][:, None] * sgn[kept][None, :]
-    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True)
-    cross = activation_covariance(rho_x, ca, cq, var_a, var_q)
+    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True).astype(np.float64, copy=False)
+    cross = activation_covariance(rho_x, ca, cq, var_a, var_q).astype(np.float64, copy=False)
     return PairStats(mean_a, var_a, mean_q, cov_q, cross, kept)
 
 
