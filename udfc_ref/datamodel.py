@@ -188,7 +188,7 @@ class InputModel:
             return hit
         a = _channel_half(_filters_kc(f, self.cov_c.dtype), self.cov_c)
         if f.shape[2] > 1 and self.rho_s > 0:
-            a = np.matmul(self.r_s(), a)
+            a = np.matmul(self.r_s().astype(a.dtype), a)
         return a
 
     def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
@@ -426,7 +426,7 @@ class DataModel:
             im = InputModel(src.mean, src.cov, rho, pos)
             self.inputs[n.name] = im
             if dwf is None:
-                a = np.matmul(im.r_s(), a1) if k > 1 and rho > 0 else a1  # Sigma_x F^T as (N, K, C)
+                a = np.matmul(im.r_s().astype(a1.dtype), a1) if k > 1 and rho > 0 else a1  # Sigma_x F^T, (N, K, C)
                 if self.lazy:
                     im.remember(f, a)
                 g = gram_sym(a.reshape(a.shape[0], -1), fkc.reshape(fkc.shape[0], -1))

@@ -179,24 +179,55 @@ def fake_quantize(w, bits, **kw) -> np.ndarray:
 
 # ----------------------------------------------------------------- packing
 
+#: codes per chunk of the (un)packing loops: bounded temporaries for any tensor size
+_PACK_CHUNK = 8 * 65536
+
+
 def pack_codes(codes: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """Pack integer codes of width ``bits`` < 8 into a flat uint8 array,
-    most significant bit first, after offsetting to unsigned (q - qmin)."""
+    most significant bit first, after offsetting to unsigned (q - qmin).
+
+    Eight codes are ``bits`` bytes: their fields are summed into one uint64
+    and split into bytes, in chunks of ``_PACK_CHUNK`` codes (temporaries of a
+    few MB, whatever the tensor's size)."""
     qmin, _ = qrange(bits, symmetric)
-    u = (codes.astype(np.int16) - qmin).astype(np.uint8).reshape(-1)
-    b = np.unpackbits(u[:, None], axis=1)[:, 8 - bits:]
-    return np.packbits(b.reshape(-1))
+    flat = np.asarray(codes).reshape(-1)
+    n = flat.size
+    out = np.empty(-(-n * bits // 8), dtype=np.uint8)
+    fields = np.uint64(bits) * np.arange(7, -1, -1, dtype=np.uint64)  # bit offset of code j in its group
+    bytes_at = np.uint64(8) * np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    for s in range(0, n, _PACK_CHUNK):
+        u = (flat[s:s + _PACK_CHUNK].astype(np.int16) - qmin).astype(np.uint64)
+        g = -(-u.size // 8)
+        if u.size != 8 * g:
+            u = np.concatenate([u, np.zeros(8 * g - u.size, dtype=np.uint64)])
+        v = (u.reshape(g, 8) << fields).sum(axis=1, dtype=np.uint64)
+        b = ((v[:, None] >> bytes_at) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
+        o = s // 8 * bits
+        out[o:o + b.size] = b[: out.size - o]
+    return out
 
 
 def unpack_codes(packed: np.ndarray, bits: int, symmetric: bool, shape) -> np.ndarray:
-    """Inverse of :func:`pack_codes`; returns int8 codes of ``shape``."""
+    """Inverse of :func:`pack_codes`; returns int8 codes of ``shape``
+    (uint8 for asymmetric codes), chunk by chunk like the packer."""
     n = int(np.prod(shape))
     need = int(np.ceil(n * bits / 8))
     if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != need:
         raise ValueError(f"packed codes must be {need} uint8 bytes, got {packed.size} {packed.dtype}")
-    b = np.unpackbits(packed)[: n * bits].reshape(n, bits)
-    full = np.zeros((n, 8), dtype=np.uint8)
-    full[:, 8 - bits:] = b
-    u = np.packbits(full, axis=1).reshape(-1).astype(np.int16)
     qmin, _ = qrange(bits, symmetric)
-    return (u + qmin).astype(np.int8 if symmetric else np.uint8).reshape(shape)
+    out = np.empty(n, dtype=np.int8 if symmetric else np.uint8)
+    fields = np.uint64(bits) * np.arange(7, -1, -1, dtype=np.uint64)
+    bytes_at = np.uint64(8) * np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for s in range(0, n, _PACK_CHUNK):
+        e = min(s + _PACK_CHUNK, n)
+        g = -(-(e - s) // 8)
+        o = s // 8 * bits
+        raw = packed[o:o + g * bits]
+        if raw.size != g * bits:
+            raw = np.concatenate([raw, np.zeros(g * bits - raw.size, dtype=np.uint8)])
+        v = (raw.reshape(g, bits).astype(np.uint64) << bytes_at).sum(axis=1, dtype=np.uint64)
+        u = ((v[:, None] >> fields) & mask).reshape(-1)[: e - s]
+        out[s:e] = (u.astype(np.int16) + qmin).astype(out.dtype)
+    return out.reshape(shape)
