@@ -153,9 +153,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if pair is None:
             # not prunable: quantize only (+ bias correction)
             if bits is not None:
-                eps = _quantize_layer(out, node, bits, qkw, quantized)
+                eps = _quantize_layer(out, node, bits, qkw, quantized, error=bias_correction)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
+                del eps
             if dm is not None:
                 dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
@@ -336,8 +337,8 @@ def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, nod
     return pair_stats(Wd, Wq, dm.input_model(onode.name), gamma, beta, pair.act, kept, extra_shift=extra)
 
 
-def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
-    """Quantize the layer's (current) weight in place; return Q(W) - W in float64."""
+def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True) -> np.ndarray | None:
+    """Quantize the layer's (current) weight in place; return Q(W) - W in float64 (None unless ``error``)."""
     key = node.params["weight"]
     w = model.tensors[key]
     q = quantize(w, bits, **qkw)
@@ -346,7 +347,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
     model.quant[key] = q
     check_layer(model, node, f"{bits}-bit quantization", f"--skip {node.name} avoids it")
     quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
-    return deq.astype(np.float64) - w.astype(np.float64)
+    return deq.astype(np.float64) - w.astype(np.float64) if error else None
 
 
 def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> np.ndarray:

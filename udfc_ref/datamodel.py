@@ -332,6 +332,7 @@ class DataModel:
                 if p is not None and p.op == "flatten":
                     self._last_use[p.inputs[0]] = max(self._last_use.get(p.inputs[0], i), i)
         self._needed = self._needed_values() if lazy else None
+        self._released: set = set()
         self._done = 0
         self.seconds = 0.0  # time spent propagating, for the report's stage split
         if not lazy:
@@ -379,8 +380,12 @@ class DataModel:
         return self.values.get(value_name)
 
     def release(self, node_name: str) -> None:
+        """The caller is done with this layer's input model: drop it (lazy
+        mode), also when the data model has not reached the layer yet (it is
+        then never kept)."""
         if self.lazy:
             self.inputs.pop(node_name, None)
+            self._released.add(node_name)
 
     def _propagate(self, n: Node) -> ValueStats | None:
         m = self.model
@@ -401,8 +406,10 @@ class DataModel:
             if c_in != src.mean.shape[0]:
                 return None
             pos = spatial_positions(n, m)
+            keep = n.name not in self._released
             if self._needed is not None and n.output not in self._needed:  # nobody reads the output statistics
-                self.inputs[n.name] = InputModel(src.mean, src.cov, src.rho if src.rho is not None else 0.0, pos)
+                if keep:
+                    self.inputs[n.name] = InputModel(src.mean, src.cov, src.rho if src.rho is not None else 0.0, pos)
                 return None
             k = pos.shape[0]
             # a depthwise conv's channel i sees input channel i only: the diagonal quantities (D3, D6) are
@@ -424,10 +431,11 @@ class DataModel:
             else:
                 rho = 0.0
             im = InputModel(src.mean, src.cov, rho, pos)
-            self.inputs[n.name] = im
+            if keep:
+                self.inputs[n.name] = im
             if dwf is None:
                 a = np.matmul(im.r_s().astype(a1.dtype), a1) if k > 1 and rho > 0 else a1  # Sigma_x F^T, (N, K, C)
-                if self.lazy:
+                if self.lazy and keep:
                     im.remember(f, a)
                 g = gram_sym(a.reshape(a.shape[0], -1), fkc.reshape(fkc.shape[0], -1))
                 mean = im.mean_dot(f)

@@ -150,43 +150,56 @@ def _common_depth(a: np.ndarray, thr: np.ndarray) -> int:
 
 def mehler_sum(rho: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray, same: bool = False,
                tol: float = MEHLER_TOL) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """``S_ik = sum_{n=1}^{n_ik} rho_ik^n c_n(i) c_n(k)`` (Eq. M3), each entry
-    cut after its own ``n_ik`` = the first n with ``|rho_ik|^(n+1) <= tol`` (at
-    most ``coef.shape[0]`` terms).  By Cauchy-Schwarz the omitted remainder is
+    """``S_ik = sum_{n=1}^{n_ik} rho_ik^n c_n(i) c_n(k)`` (Eq. M3) for ``rho``
+    clipped to [-1, 1], each entry cut after its own ``n_ik`` = the first n
+    with ``|rho_ik|^(n+1) <= tol`` (at most ``coef.shape[0]`` terms).  By
+    Cauchy-Schwarz the omitted remainder is
     ``|sum_{m>n} rho^m c_m(i) c_m(k)| <= |rho|^(n+1) sqrt(Var_i Var_k)``, so every
     entry is within ``tol sqrt(Var_i Var_k)`` of the full series.
 
-    All entries go through a cache-blocked Horner loop of a common depth;
-    the entries that need more terms are completed from a gathered list.
-    With ``same`` the diagonal is excluded from the term counts (its caller
-    sets it exactly).  Returns ``(S, (i, k))``, the indices of the entries
-    whose series is not done after ``n_max`` terms (``|rho|^(n_max+1) > tol``)."""
+    All entries go through a cache-blocked Horner loop of a common depth
+    (chosen from a sample of ``|rho|``); the entries that need more terms are
+    found block by block and completed from a gathered list.  Temporaries are
+    of block size: the only full-size array is the result.  With ``same`` the
+    diagonal is excluded from the term counts (its caller sets it exactly).
+    Returns ``(S, (i, k))``, the indices of the entries whose series is not
+    done after ``n_max`` terms (``|rho|^(n_max+1) > tol``)."""
     n_max = coef_a.shape[0]
     nr, nc = rho.shape
-    a = np.abs(rho)
-    if same and nr == nc and nr > 1:
-        a = a.copy()
-        np.fill_diagonal(a, 0.0)
     thr = _thresholds(n_max, tol)
-    n1 = _common_depth(a, thr) if a.size else 1
+    flat = rho.reshape(-1)
+    sample = np.abs(flat[:: max(1, flat.size // 8192)]) if flat.size else flat
+    n1 = _common_depth(sample, thr) if flat.size else 1
+    diag = same and nr == nc and nr > 1
     out = np.empty_like(rho)
     rows = max(1, MEHLER_BLOCK // max(nc, 1))
     tmp = np.empty((min(rows, nr), nc), dtype=rho.dtype)
+    rbuf = np.empty_like(tmp)
+    far_i, far_k = [], []
     for r0 in range(0, nr, rows):
         r1 = min(r0 + rows, nr)
-        rb, ob, tb = rho[r0:r1], out[r0:r1], tmp[: r1 - r0]
+        rb, ob, tb = rbuf[: r1 - r0], out[r0:r1], tmp[: r1 - r0]
+        np.clip(rho[r0:r1], -1.0, 1.0, out=rb)
         np.multiply(coef_a[n1 - 1, r0:r1, None], coef_b[n1 - 1, None, :], out=ob)
         for n in range(n1 - 2, -1, -1):
             ob *= rb
             np.multiply(coef_a[n, r0:r1, None], coef_b[n, None, :], out=tb)
             ob += tb
         ob *= rb
-    if n1 >= n_max:
-        return out, np.nonzero(a > thr[n_max])
-    i, k = np.nonzero(a > thr[n1])
-    if i.size:
-        r = rho[i, k]
-        ar = np.abs(r)
+        np.abs(rb, out=tb)  # the entries needing more than n1 terms (or the M3' tail)
+        if diag:
+            d = np.arange(r0, r1)
+            tb[d - r0, d] = 0.0
+        i, k = np.nonzero(tb > thr[n1])
+        if i.size:
+            far_i.append(i + r0)
+            far_k.append(k)
+    if not far_i:
+        return out, (np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp))
+    i, k = np.concatenate(far_i), np.concatenate(far_k)
+    r = np.clip(rho[i, k], -1.0, 1.0)
+    ar = np.abs(r)
+    if n1 < n_max:
         deepest = int(np.searchsorted(thr, float(ar.max()), side="left"))  # first n with thr[n] >= max |r|
         deepest = min(max(deepest, n1 + 1), n_max)
         p = r ** n1
@@ -195,9 +208,8 @@ def mehler_sum(rho: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray, same: bo
             p *= r
             acc += p * coef_a[n - 1, i] * coef_b[n - 1, k]
         out[i, k] += acc
-        tail = ar > thr[n_max]
-        i, k = i[tail], k[tail]
-    return out, (i, k)
+    tail = ar > thr[n_max]
+    return out, (i[tail], k[tail])
 
 
 def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
@@ -216,14 +228,15 @@ def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=Fals
     """
     rho = np.asarray(rho)
     dt = rho.dtype if rho.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    rho = np.clip(rho.astype(dt, copy=False), -1.0, 1.0)
+    rho = rho.astype(dt, copy=False)  # clipped to [-1, 1] inside mehler_sum, block by block
     n_terms = coef_a.shape[0]
     out, (i, k) = mehler_sum(rho, coef_a.astype(dt), coef_b.astype(dt), same,
                              MEHLER_TOL if dt == np.float64 else MEHLER_TOL32)
     if var_a is not None and var_b is not None and i.size:
         ra = np.sqrt(np.clip(var_a - (coef_a**2).sum(0), 0, None))
         rb = np.sqrt(np.clip(var_b - (coef_b**2).sum(0), 0, None))
-        out[i, k] += (rho[i, k].astype(np.float64) ** (n_terms + 1) * ra[i] * rb[k]).astype(dt)
+        r = np.clip(rho[i, k].astype(np.float64), -1.0, 1.0)
+        out[i, k] += (r ** (n_terms + 1) * ra[i] * rb[k]).astype(dt)
     if same and var_a is not None:
         np.fill_diagonal(out, var_a)
     return out

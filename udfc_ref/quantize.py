@@ -72,14 +72,33 @@ def _bshape(ndim: int, per_channel: bool):
     return (-1,) + (1,) * (ndim - 1) if per_channel else (1,) * ndim
 
 
+#: elements per block of the float64 temporaries of (de)quantization: rows of
+#: the weight are processed a block at a time, so the peak memory is that of the
+#: result, not of float64 copies of the whole tensor
+_BLOCK = 1 << 18
+
+
+def _row_blocks(shape):
+    """Slices of axis 0 covering about ``_BLOCK`` elements each."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else 1
+    step = max(1, _BLOCK // per_row)
+    return [slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step)] if shape else [slice(None)]
+
+
 def dequantize(codes, scale, zero_point, dtype=np.float32) -> np.ndarray:
     """x_hat = scale * (q - zero_point) (Eq. Q1), evaluated in float64 and
-    rounded once to ``dtype``."""
+    rounded once to ``dtype`` (block of rows by block of rows)."""
     shp = _bshape(codes.ndim, scale.size > 1)
-    q = codes.astype(np.float64)
-    if zero_point is not None:
-        q = q - zero_point.astype(np.float64).reshape(shp)
-    return (q * scale.astype(np.float64).reshape(shp)).astype(dtype)
+    per_channel = scale.size > 1
+    s64 = scale.astype(np.float64).reshape(shp)
+    z64 = None if zero_point is None else zero_point.astype(np.float64).reshape(shp)
+    out = np.empty(codes.shape, dtype=dtype)
+    for rows in _row_blocks(codes.shape):
+        q = codes[rows].astype(np.float64)
+        if z64 is not None:
+            q = q - (z64[rows] if per_channel else z64)
+        out[rows] = q * (s64[rows] if per_channel else s64)
+    return out
 
 
 def _codes(x64, scale, zp, qmin, qmax, shp):
@@ -135,13 +154,13 @@ def quantize(w: np.ndarray, bits: int, symmetric: bool = True, per_channel: bool
     if w.dtype.kind != "f":
         raise OptionError(f"can only quantize float tensors, got {w.dtype}")
     dtype = w.dtype
-    x = w.astype(np.float64)
-    shp = _bshape(x.ndim, per_channel)
-    flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    shp = _bshape(w.ndim, per_channel)
+    wflat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    lo, hi = wflat.min(axis=1).astype(np.float64), wflat.max(axis=1).astype(np.float64)  # exact in float64
     qmin, qmax = qrange(bits, symmetric)
     scale, zp = _scale_zp(lo, hi, bits, symmetric, dtype)
     if mse_clip:
+        flat = wflat.astype(np.float64)
         best_err = np.full(flat.shape[0], np.inf)
         best_scale, best_zp = scale, zp
         for r in np.linspace(1.0, 1.0 / n_grid, n_grid):
@@ -155,14 +174,18 @@ def quantize(w: np.ndarray, bits: int, symmetric: bool = True, per_channel: bool
             if z is not None:
                 best_zp = np.where(better, z, best_zp)
         scale, zp = best_scale, best_zp
-    codes = _codes(x, scale, zp, qmin, qmax, shp)
     cdtype = np.int8 if bits <= 8 else np.int16
     if not symmetric and bits == 8:
         cdtype = np.uint8
     if not symmetric and bits == 16:
         cdtype = np.uint16
+    codes = np.empty(w.shape, dtype=cdtype)
+    for rows in _row_blocks(w.shape):  # float64 temporaries of one block of rows at a time
+        sc = scale[rows] if per_channel else scale
+        z = None if zp is None else (zp[rows] if per_channel else zp)
+        codes[rows] = _codes(w[rows].astype(np.float64), sc, z, qmin, qmax, shp)
     return QuantizedTensor(
-        codes=codes.astype(cdtype),
+        codes=codes,
         scale=scale.astype(dtype),
         zero_point=None if zp is None else zp.astype(cdtype),
         bits=int(bits),
