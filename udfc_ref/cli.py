@@ -250,7 +250,7 @@ def read_model(path: str, torch_module=None, input_shape=None):
         return ck.read(path)
     if path.lower().endswith(TORCH_SUFFIXES):
         raise UDFCError(f"{path}: a PyTorch file needs its module: add --torch-module pkg.mod:Net --input-shape C,H,W")
-    return load(path)
+    return load(path, writable=False)  # read-only map: compress gives the pages back as it goes
 
 
 def write_model(model, path: str, input_path=None) -> None:

@@ -23,6 +23,7 @@ from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
 from .errors import NumericError, OptionError
 from .graph import Model
+from .io import release_pages
 from .pairs import find_pairs
 from .progress import Progress
 from .quantize import VALID_BITS, quantize
@@ -142,9 +143,11 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
+    given_back = 0  # layers [0, given_back) whose original weights are read no more
     for step, onode in enumerate(layer_nodes):
         if bar is not None:
             bar.update(step, onode.name)
+        given_back = _give_back(orig, layer_nodes, given_back, step, dm)
         node = out.node(onode.name)
         wkey = node.params["weight"]
         pair = pair_of.get(onode.name)
@@ -229,8 +232,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         weights = np.zeros(n_out)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
-            weights += (cw**2).sum(axis=(0, 2))
+            cw = wc.reshape(wc.shape[0], n_out, -1)
+            weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
             absorb(out, out.node(c.node.name), T, tt, wc.dtype)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
@@ -279,6 +282,17 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
     return out, rep
+
+
+def _give_back(orig: Model, layer_nodes, done: int, step: int, dm) -> int:
+    """Return the memory of the original weights of the layers before ``step``
+    that the data model has propagated (nothing reads them again) when the
+    input file is memory-mapped read-only (``io.release_pages``; a no-op
+    otherwise).  Returns the new count of layers given back."""
+    while done < step and (dm is None or dm.propagated(layer_nodes[done].name)):
+        release_pages([orig.tensors[t] for t in layer_nodes[done].params.values()])
+        done += 1
+    return done
 
 
 def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str:

@@ -126,6 +126,10 @@ def gram_sym(a: np.ndarray, b: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarra
     return g
 
 
+def _row_slices(n: int, size: int = 256) -> list:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def _channel_half(fkc: np.ndarray, cov_c: np.ndarray) -> np.ndarray:
     """``A1[i, p, :] = C_in F[i, :, p]`` as (n, K, C) from filters laid out
     (n, K, C): the channel half of ``Sigma_x F^T`` (one BLAS product)."""
@@ -166,18 +170,22 @@ class InputModel:
             self._r = spatial_correlation(self.pos, self.rho_s)
         return self._r
 
-    def remember(self, f: np.ndarray, a: np.ndarray) -> None:
-        """Keep ``a = cov_times(f)`` for the layer's own filters ``f``: the
-        pair's statistics (``solve.pair_stats``) read the same product."""
-        self._memo = (f, a)
+    def remember(self, w: np.ndarray, a: np.ndarray) -> None:
+        """Keep ``a = cov_times(F)`` for the layer's own filters, ``F`` the
+        weight tensor ``w`` in the (n, C, K) layout (a reshape of it: dense
+        conv or linear layer): the pair's statistics (``solve.pair_stats``)
+        read the same product.  Only a reference to ``w`` is kept."""
+        self._memo = (w, a)
 
     def cached(self, f: np.ndarray) -> np.ndarray | None:
-        """``cov_times(f)`` if it is the remembered product of these filters
-        (equal values), else None.  Read-only."""
+        """``cov_times(f)`` if ``f`` holds the remembered weights (equal
+        values, any float dtype), else None.  Read-only."""
         m = self._memo
-        if m is not None and m[0].shape == f.shape and (m[0] is f or np.array_equal(m[0], f)):
-            return m[1]
-        return None
+        if m is None or m[0].size != f.size or m[1].shape[0] != f.shape[0]:
+            return None
+        w = m[0].reshape(f.shape[0], -1)
+        same = all(np.array_equal(w[r], f[r].reshape(w[r].shape)) for r in _row_slices(f.shape[0]))
+        return m[1] if same else None
 
     def cov_times(self, f: np.ndarray) -> np.ndarray:
         """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only.  Any Gram
@@ -369,6 +377,11 @@ class DataModel:
             self._done += 1
         self.seconds += time.perf_counter() - t0
 
+    def propagated(self, node_name: str) -> bool:
+        """Whether the statistics have been propagated through ``node_name``
+        (it reads none of the node's weights again)."""
+        return self._done > self._index[node_name]
+
     def input_model(self, node_name: str) -> InputModel | None:
         self.advance_to(node_name)
         return self.inputs.get(node_name)
@@ -435,8 +448,8 @@ class DataModel:
                 self.inputs[n.name] = im
             if dwf is None:
                 a = np.matmul(im.r_s().astype(a1.dtype), a1) if k > 1 and rho > 0 else a1  # Sigma_x F^T, (N, K, C)
-                if self.lazy and keep:
-                    im.remember(f, a)
+                if self.lazy and keep and n.attrs.get("groups", 1) == 1:
+                    im.remember(m.tensors[n.params["weight"]], a)
                 g = gram_sym(a.reshape(a.shape[0], -1), fkc.reshape(fkc.shape[0], -1))
                 mean = im.mean_dot(f)
             else:  # G_ij = C_ij w_i R_s w_j^T: O(N^2 K) instead of the dense O(N^3 K)

@@ -438,20 +438,57 @@ class _Mapped:
         return arr.reshape(entry["shape"]).astype(dt.newbyteorder("="), copy=False)
 
     def drop(self, entry: dict) -> None:
+        start, stop = entry["data_offsets"]
+        self.drop_range(self.base + start, self.base + stop)
+
+    def drop_range(self, start: int, stop: int) -> None:
+        """Drop the pages lying wholly inside [start, stop) of the map (read-only maps only)."""
         import mmap
 
-        start, stop = entry["data_offsets"]
-        if self.map is None or self.writable or stop == start or not hasattr(mmap, "MADV_DONTNEED"):
+        if self.map is None or self.writable or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
-        lo = (self.base + start) // page * page
+        lo, hi = -(-start // page) * page, stop // page * page
+        if hi <= lo:
+            return
         try:
-            self.map.madvise(mmap.MADV_DONTNEED, lo, self.base + stop - lo)
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         except (OSError, ValueError):  # pragma: no cover - advice only
             pass
 
 
-def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str, np.ndarray]:
+def release_pages(arrays) -> None:
+    """Give the memory pages of ``arrays`` back to the page cache when they
+    are views of a file :func:`load` mapped read-only (``writable=False``):
+    the process's resident memory shrinks, and a later read of the array
+    reads the file again (same values).  A no-op for any other array."""
+    import mmap
+
+    for a in arrays:
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if not isinstance(base, mmap.mmap) or not a.size:
+            continue
+        m = _MAPS.get(id(base))
+        if m is None or m.map is not base or m.writable:
+            continue
+        start = a.__array_interface__["data"][0] - _address(base)
+        m.drop_range(start, start + a.nbytes)
+
+
+def _address(mm) -> int:
+    """Start address of an mmap object's memory."""
+    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
+
+
+#: id(mmap) -> its _Mapped, for the read-only maps of loaded models (release_pages)
+_MAPS: dict = {}
+
+
+def _read_tensors(path, header: dict, header_len: int, wanted=None, writable: bool = True) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file whose header :func:`_read_header`
     checked (offsets, shapes and byte sizes agree), as views of the privately
     memory-mapped file (no copy of the weights in memory; writing into an
@@ -459,7 +496,13 @@ def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str,
     ``wanted`` (default: all) become arrays; every entry is still checked."""
     entries = _entries(path, header)
     end = entries[-1][1]["data_offsets"][1] if entries else 0
-    mapped = _Mapped(path, header_len, end, writable=True)
+    mapped = _Mapped(path, header_len, end, writable=writable)
+    if not writable and mapped.map is not None:
+        import weakref
+
+        key = id(mapped.map)
+        _MAPS[key] = mapped
+        weakref.finalize(mapped.map, _MAPS.pop, key, None)
     return {k: mapped.array(v) for k, v in entries if wanted is None or k in wanted}
 
 
@@ -586,13 +629,16 @@ def _parameter(path, t, raw, qtable, nodes):
     return np.require(v, requirements=["C", "A"]), None
 
 
-def load(path) -> Model:
+def load(path, *, writable: bool = True) -> Model:
     """Read a udfc-ref model file (never modifies it).
 
     The file is memory-mapped privately: float parameters are views of its
     pages (read from disk as they are touched; a write into one copies the
     page and never reaches the file), quantized ones are rebuilt from their
-    codes.  Every problem with the file raises a
+    codes.  ``writable=False`` maps it read-only instead: the float tensors
+    cannot be written into, and :func:`release_pages` can give their memory
+    back once they are read (``udfc compress`` does, layer by layer).  Every
+    problem with the file raises a
     :class:`UDFCError` subclass (FormatError, GraphError, NumericError)
     naming the tensor or node; tensors the graph does not use are dropped
     with a ``UserWarning``."""
@@ -604,7 +650,7 @@ def load(path) -> Model:
     header, header_len, nodes, inp, qtable, record, output = _parse(path)
     used = {t for n in nodes for t in n.params.values()}
     aux = {t + s for t in qtable if t in used for s in ("_scale", "_zero_point")}
-    raw = _read_tensors(path, header, header_len, wanted=used | aux)  # no arrays for tensors nobody uses
+    raw = _read_tensors(path, header, header_len, wanted=used | aux, writable=writable)  # only used tensors
     tensors, quant = {}, {}
     for t in qtable:
         if t in used:  # the arrays of an unused one stay in ``raw`` and are reported as unused below

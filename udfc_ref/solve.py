@@ -49,6 +49,16 @@ def _pow2(x: float) -> float:
     return math.ldexp(1.0, math.frexp(x)[1] - 1) if 0 < x < math.inf else 1.0
 
 
+def _absmax(a: np.ndarray) -> float:
+    """max |a| without an |a| temporary (0 for an empty array)."""
+    return max(float(a.max(initial=0.0)), -float(a.min(initial=0.0)))
+
+
+def _blocks(n: int, size: int = 256) -> list:
+    """Slices covering range(n) in blocks of ``size`` rows (bounded temporaries)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
 def _safe_div(a, b):
     return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
 
@@ -72,8 +82,10 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     kept = np.asarray(kept)
     # every output below is invariant to one common scale of W, Wq and the shift (s, sq, shift scale
     # alike; rho, delta, scale are ratios): a power of two divides out exactly (bit-identical
-    # results), so weights near the float limit cannot overflow the squares below
-    c = _pow2(max(float(np.abs(W).max(initial=0.0)), float(np.abs(Wq).max(initial=0.0))))
+    # results), so weights near the float limit cannot overflow the squares below; ordinary weights
+    # are left as they are (the same bits, no scaled copies)
+    c = _pow2(max(_absmax(W), _absmax(Wq)))
+    c = c if not 2.0**-100 <= c <= 2.0**100 else 1.0
     A = im.cached(W)  # (Sigma_x W^T) as (N, K, C), as the data model computed it for this layer
     if A is not None and c != 1.0:
         A = A / c  # exact (a power of two), unless it overflowed unscaled
@@ -102,7 +114,7 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     rho_q *= inv_sq.astype(dt)[None, :]
     np.fill_diagonal(rho_q, 1.0)
     sk = s[kept]
-    shift = im.mean_dot(Wq - W[kept])
+    shift = np.concatenate([im.mean_dot(Wq[r] - W[kept[r]]) for r in _blocks(m)])  # E[x] . (W~_k - W_k)
     if extra_shift is not None:
         shift = shift + extra_shift
     delta = _safe_div(shift, sk)  # Eq. D5: mean of u~_k
