@@ -49,13 +49,13 @@ def _write_udfc(model, path, input_path=None) -> None:
 def _write_keras(model, path, input_path=None) -> None:
     from converters import keras as ck  # noqa: PLC0415
 
-    ck.save_keras(model, path)
+    ck.save_keras(model, path, progress=True)
 
 
 def _write_pt2(model, path, input_path=None) -> None:
     from converters import torch as ct  # noqa: PLC0415
 
-    ct.save_pt2(model, path)
+    ct.save_pt2(model, path, progress=True)
 
 
 #: output suffix -> (format name, writer(model, path, input_path)).  The one
@@ -247,7 +247,7 @@ def read_model(path: str, torch_module=None, input_shape=None):
     if path.lower().endswith(KERAS_SUFFIXES):
         from converters import keras as ck  # noqa: PLC0415
 
-        return ck.read(path)
+        return ck.read(path, progress=True)
     if path.lower().endswith(TORCH_SUFFIXES):
         raise UDFCError(f"{path}: a PyTorch file needs its module: add --torch-module pkg.mod:Net --input-shape C,H,W")
     return load(path, writable=False)  # read-only map: compress gives the pages back as it goes
