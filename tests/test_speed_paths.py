@@ -171,3 +171,25 @@ def test_released_layers_keep_no_input_model():
     dm.advance_to(m.nodes[-1].name)
     assert "c1" not in dm.inputs and "c2" in dm.inputs
     assert math.isfinite(float(dm.inputs["c2"].cov_c.sum()))
+
+
+def test_scaling_benchmark_smoke(tmp_path):
+    """benchmarks/scaling.py runs end to end (two tiny points per curve) and
+    reports a whole-process ratio and exponents for every curve."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scaling.py")
+    spec = importlib.util.spec_from_file_location("scaling_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s.json"
+    res = mod.main(["--smoke", "--json", str(out)])
+    assert json.loads(out.read_text())["threads"] == 1
+    for kind in ("width", "depth"):
+        assert len(res[kind]) == 2
+        for r in res[kind]:
+            assert r["compress"]["wall"] > 0 and r["floor"]["wall"] > 0 and r["ratio_wall"] > 0
+            assert r["compress"]["peak_mib"] > 0 and "data model" in r["stages"]
+        assert res[f"{kind}_exponents"]["params"] > 0
