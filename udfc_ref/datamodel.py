@@ -91,6 +91,19 @@ def spatial_positions(node: Node, model: Model) -> np.ndarray:
     return np.stack([yy.ravel(), xx.ravel()], axis=1)
 
 
+def _layer_filters(model: Model, node: Node) -> np.ndarray:
+    """The (O, C_in, K) filters of Eq. D1 in the stored dtype: a view of the
+    weight tensor (no copy) for a dense conv or a linear layer, the float64
+    dense expansion (:func:`dense_filters`) for a grouped conv."""
+    if node.op == "conv2d" and node.attrs["groups"] != 1:
+        return dense_filters(model, node)
+    w = model.tensors[node.params["weight"]]
+    if node.op == "linear":
+        src = _flatten_source_shape(model, node)
+        return w.reshape(w.shape[0], src[0] if src is not None else w.shape[1], -1)
+    return w.reshape(w.shape[0], w.shape[1], -1)
+
+
 def _flatten_source_shape(model: Model, node: Node):
     p = model.producer(node.inputs[0])
     if p is not None and p.op == "flatten":
@@ -194,8 +207,13 @@ class InputModel:
         hit = self.cached(f)
         if hit is not None:
             return hit
-        a = _channel_half(_filters_kc(f, self.cov_c.dtype), self.cov_c)
-        if f.shape[2] > 1 and self.rho_s > 0:
+        return self.cov_times_kc(_filters_kc(f, self.cov_c.dtype))
+
+    def cov_times_kc(self, fkc: np.ndarray) -> np.ndarray:
+        """:meth:`cov_times` for filters already laid out (n, K, C) in the
+        covariance's dtype."""
+        a = _channel_half(fkc, self.cov_c)
+        if fkc.shape[1] > 1 and self.rho_s > 0:
             a = np.matmul(self.r_s().astype(a.dtype), a)
         return a
 
@@ -412,7 +430,7 @@ class DataModel:
                 if p is not None and p.op == "flatten":
                     src = self.values.get(p.inputs[0])
             dwf = depthwise_filters(m, n)
-            f = dense_filters(m, n) if dwf is None else None
+            f = _layer_filters(m, n) if dwf is None else None
             c_in = f.shape[1] if dwf is None else dwf.shape[0]
             if src is None:
                 src = ValueStats(np.zeros(c_in), np.eye(c_in, dtype=self.dtype))

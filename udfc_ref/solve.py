@@ -100,7 +100,7 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     Wq_t = np.ascontiguousarray(Wq.transpose(0, 2, 1), dtype=dt).reshape(m, -1)
     G = np.einsum("nkc,nck->n", A, W)  # diag(W Sigma_x W^T), float64
     s = np.sqrt(np.clip(G, 0, None))
-    Gq = gram_sym(im.cov_times(Wq).reshape(m, -1), Wq_t)  # G~ = W~ Sigma_x W~^T, symmetric
+    Gq = gram_sym(im.cov_times_kc(Wq_t.reshape(m, Wq.shape[2], Wq.shape[1])).reshape(m, -1), Wq_t)  # G~, symmetric
     sq = np.sqrt(np.clip(np.diag(Gq).astype(np.float64), 0, None))
     rho_x = A.reshape(n, -1) @ Wq_t.T  # G_x = W Sigma_x W~^T, normalised in place below
     # sign of gamma flips the sign of u: rho = sgn_i sgn_k G_ik / (s_i s_k), 0 where s_i s_k = 0
