@@ -225,7 +225,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if st_gap is not None:
             Ta, ta = udfc(st_gap, n_out, alpha1, alpha2) if method == "udfc" else (T, tt)
             sq = pair.se.squeeze
-            absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
+            absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype, fast=not exact)
             in_kept[sq.name] = kept
         t = tick("solve", t)
         _resize_reshapes(out, pair.reshapes, kept.size)
@@ -234,7 +234,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             wc = orig.tensors[c.node.params["weight"]]
             cw = wc.reshape(wc.shape[0], n_out, -1)
             weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
-            absorb(out, out.node(c.node.name), T, tt, wc.dtype)
+            absorb(out, out.node(c.node.name), T, tt, wc.dtype, fast=not exact)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
             in_kept[c.node.name] = kept

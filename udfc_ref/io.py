@@ -298,10 +298,12 @@ def _depth(obj) -> int:
     while stack:
         o, d = stack.pop()
         deepest = max(deepest, d)
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, list) else ()
+        nested = [v for v in items if isinstance(v, (dict, list))]  # scalars end at depth d + 1
+        if nested:
+            stack.extend((v, d + 1) for v in nested)
+        elif items:
+            deepest = max(deepest, d + 1)
     return deepest
 
 
