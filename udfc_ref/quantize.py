@@ -23,6 +23,7 @@ NumPy forward used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,28 +207,41 @@ def fake_quantize(w, bits, **kw) -> np.ndarray:
 _PACK_CHUNK = 8 * 65536
 
 
+def _layout(bits: int):
+    """(codes per group, bytes per group, integer type holding a group): a
+    group of codes fills whole bytes (8 / gcd(8, bits) codes)."""
+    g = 8 // math.gcd(8, bits)
+    nb = bits * g // 8
+    return g, nb, (np.uint8 if nb == 1 else np.uint32 if nb <= 4 else np.uint64)
+
+
 def pack_codes(codes: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """Pack integer codes of width ``bits`` < 8 into a flat uint8 array,
     most significant bit first, after offsetting to unsigned (q - qmin).
 
-    Eight codes are ``bits`` bytes: their fields are summed into one uint64
-    and split into bytes, in chunks of ``_PACK_CHUNK`` codes (temporaries of a
-    few MB, whatever the tensor's size)."""
+    A group of codes that fills whole bytes (4 six-bit codes in 3 bytes) is
+    one integer of their fields; its bytes are written out, in chunks of
+    ``_PACK_CHUNK`` codes (temporaries of a few MB, whatever the tensor)."""
     qmin, _ = qrange(bits, symmetric)
     flat = np.asarray(codes).reshape(-1)
     n = flat.size
     out = np.empty(-(-n * bits // 8), dtype=np.uint8)
-    fields = np.uint64(bits) * np.arange(7, -1, -1, dtype=np.uint64)  # bit offset of code j in its group
-    bytes_at = np.uint64(8) * np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    for s in range(0, n, _PACK_CHUNK):
-        u = (flat[s:s + _PACK_CHUNK].astype(np.int16) - qmin).astype(np.uint64)
-        g = -(-u.size // 8)
-        if u.size != 8 * g:
-            u = np.concatenate([u, np.zeros(8 * g - u.size, dtype=np.uint64)])
-        v = (u.reshape(g, 8) << fields).sum(axis=1, dtype=np.uint64)
-        b = ((v[:, None] >> bytes_at) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
-        o = s // 8 * bits
-        out[o:o + b.size] = b[: out.size - o]
+    g, nb, it = _layout(bits)
+    step = _PACK_CHUNK - _PACK_CHUNK % g
+    for s in range(0, n, step):
+        u = (flat[s:s + step].view(np.uint8) - np.uint8(qmin % 256)).astype(it)  # q - qmin, exact in range
+        groups = -(-u.size // g)
+        if u.size != g * groups:
+            u = np.concatenate([u, np.zeros(g * groups - u.size, dtype=it)])
+        u = u.reshape(groups, g)
+        v = u[:, 0] << it(bits * (g - 1)) if g > 1 else u[:, 0].copy()
+        for j in range(1, g):
+            v |= u[:, j] << it(bits * (g - 1 - j))
+        b = np.empty((groups, nb), dtype=np.uint8)
+        for k in range(nb):
+            b[:, k] = v >> it(8 * (nb - 1 - k))  # the cast keeps the low byte
+        o = s // g * nb
+        out[o:o + b.size] = b.reshape(-1)[: out.size - o]
     return out
 
 
@@ -240,17 +254,23 @@ def unpack_codes(packed: np.ndarray, bits: int, symmetric: bool, shape) -> np.nd
         raise ValueError(f"packed codes must be {need} uint8 bytes, got {packed.size} {packed.dtype}")
     qmin, _ = qrange(bits, symmetric)
     out = np.empty(n, dtype=np.int8 if symmetric else np.uint8)
-    fields = np.uint64(bits) * np.arange(7, -1, -1, dtype=np.uint64)
-    bytes_at = np.uint64(8) * np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    mask = np.uint64((1 << bits) - 1)
-    for s in range(0, n, _PACK_CHUNK):
-        e = min(s + _PACK_CHUNK, n)
-        g = -(-(e - s) // 8)
-        o = s // 8 * bits
-        raw = packed[o:o + g * bits]
-        if raw.size != g * bits:
-            raw = np.concatenate([raw, np.zeros(g * bits - raw.size, dtype=np.uint8)])
-        v = (raw.reshape(g, bits).astype(np.uint64) << bytes_at).sum(axis=1, dtype=np.uint64)
-        u = ((v[:, None] >> fields) & mask).reshape(-1)[: e - s]
-        out[s:e] = (u.astype(np.int16) + qmin).astype(out.dtype)
+    g, nb, it = _layout(bits)
+    mask = it((1 << bits) - 1)
+    step = _PACK_CHUNK - _PACK_CHUNK % g
+    ov = out.view(np.uint8)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        groups = -(-(e - s) // g)
+        o = s // g * nb
+        raw = packed[o:o + groups * nb]
+        if raw.size != groups * nb:
+            raw = np.concatenate([raw, np.zeros(groups * nb - raw.size, dtype=np.uint8)])
+        raw = raw.reshape(groups, nb)
+        v = raw[:, 0].astype(it) << it(8 * (nb - 1)) if nb > 1 else raw[:, 0].astype(it)
+        for k in range(1, nb):
+            v |= raw[:, k].astype(it) << it(8 * (nb - 1 - k))
+        u = np.empty((groups, g), dtype=np.uint8)
+        for j in range(g):
+            u[:, j] = (v >> it(bits * (g - 1 - j))) & mask
+        ov[s:e] = u.reshape(-1)[: e - s] + np.uint8(qmin % 256)  # + qmin, modulo 256 as the int8 view needs
     return out.reshape(shape)
