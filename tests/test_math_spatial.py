@@ -1,0 +1,124 @@
+"""The spatial part of the data model (Eq. D2, D3, D6, D7, D8) against
+simulated fields: stationary Gaussian fields with correlation
+``rho^(|dy| + |dx|)`` from ``mathref.ar_fields`` (not the project's
+``sample_patches``), explicit convolution / pooling loops, and lag-1
+correlations with their Monte-Carlo standard errors.  Each step is checked
+under its own premise, where it is exact (the derivation quotes what it costs
+when the premise fails)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import bn_params
+from mathref import ar_fields, conv, lag1_correlation, pool
+
+from udfc_ref import Model, Node
+from udfc_ref.datamodel import DataModel, InputModel, dense_filters, spatial_positions
+
+RHO = 0.7  # on the D3 grid
+N_FIELDS, SIDE = 3000, 20
+Z = 5.0  # tolerance in standard errors
+
+
+def chain(pool_kernel=2, pool_stride=2, dilation=2, stride=2, seed=0):
+    """input (2, 20, 20) -> conv 3x3 (dilation, stride) -> BN -> ReLU -> avg pool
+    -> conv 3x3 -> BN -> ReLU -> flatten -> linear; the first BN calibrated on
+    simulated fields of correlation RHO (assumption A3: its running variance is
+    the data's)."""
+    rng = np.random.default_rng(seed)
+    t = {"c0.weight": rng.standard_normal((6, 2, 3, 3)).astype(np.float32),
+         "c1.weight": rng.standard_normal((4, 6, 3, 3)).astype(np.float32)}
+    t["c0.weight"][:, :, 1, 1] += 1.5  # a positive centre: a spatially smooth output
+    x = ar_fields(np.random.default_rng(seed + 100), 400, 2, SIDE, SIDE, RHO)
+    y = conv(x, t["c0.weight"].astype(np.float64), (stride, stride), (dilation, dilation))
+    bn0 = bn_params(rng, 6, "b0", t)
+    t["b0.running_var"] = y.var(axis=(0, 2, 3)).astype(np.float32)
+    t["b0.running_mean"] = y.mean(axis=(0, 2, 3)).astype(np.float32)
+    nodes = [Node("c0", "conv2d", ["x"], "c0", {"stride": stride, "dilation": dilation}, {"weight": "c0.weight"}),
+             Node("b0", "batch_norm", ["c0"], "b0", {"eps": 0.0}, bn0),
+             Node("a0", "relu", ["b0"], "a0"),
+             Node("p0", "avg_pool2d", ["a0"], "p0", {"kernel": pool_kernel, "stride": pool_stride}),
+             Node("c1", "conv2d", ["p0"], "c1", {}, {"weight": "c1.weight"}),
+             Node("b1", "batch_norm", ["c1"], "b1", {"eps": 1e-5}, bn_params(rng, 4, "b1", t)),
+             Node("a1", "relu", ["b1"], "a1"),
+             Node("flat", "flatten", ["a1"], "flat")]
+    ho = (SIDE - 2 * dilation - 1) // stride + 1
+    hp = (ho - pool_kernel) // pool_stride + 1 - 2
+    t["fc.weight"] = rng.standard_normal((3, 4 * hp * hp)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["flat"], "y", {}, {"weight": "fc.weight"}))
+    return Model(t, nodes, "x", (2, SIDE, SIDE))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """The chain, its data model, and simulated conv outputs on RHO fields."""
+    m = chain()
+    dm = DataModel(m)
+    x = ar_fields(np.random.default_rng(1), N_FIELDS, 2, SIDE, SIDE, RHO)
+    y = conv(x, m.tensors["c0.weight"].astype(np.float64), (2, 2), (2, 2))
+    return m, dm, y
+
+
+def test_d3_recovers_the_input_correlation_and_d2_the_output_covariance(sim):
+    """A3/D3: the input correlation is recovered from the BN variances of a
+    dilated, strided conv; D2 (Manhattan distance between the dilated taps)
+    then gives the conv's output covariance W Sigma_x W^T."""
+    m, dm, y = sim
+    assert dm.inputs["c0"].rho_s == pytest.approx(RHO, abs=1e-12)
+    per_field = np.einsum("nihw,njhw->nij", y, y) / (y.shape[2] * y.shape[3])  # mean 0 is known
+    emp, se = per_field.mean(0), per_field.std(0) / np.sqrt(per_field.shape[0])
+    assert np.all(np.abs(dm.values["c0"].cov - emp) <= Z * se + 1e-9), (dm.values["c0"].cov - emp) / se
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.8])
+def test_d2_patch_covariance_of_a_dilated_kernel(rho):
+    """D2 without the D3 fit: for a given rho the Gram matrix of a dilated
+    3x3 conv equals the simulated output covariance (Euclidean distances or
+    undilated taps change it by many standard errors)."""
+    m = chain()
+    node = m.node("c0")
+    im = InputModel(np.zeros(2), np.eye(2), rho, spatial_positions(node, m))
+    f = dense_filters(m, node)
+    x = ar_fields(np.random.default_rng(2), N_FIELDS, 2, SIDE, SIDE, rho)
+    y = conv(x, m.tensors["c0.weight"].astype(np.float64), (2, 2), (2, 2))
+    per_field = np.einsum("nihw,njhw->nij", y, y) / (y.shape[2] * y.shape[3])
+    emp, se = per_field.mean(0), per_field.std(0) / np.sqrt(per_field.shape[0])
+    assert np.all(np.abs(im.gram(f, f) - emp) <= Z * se), (im.gram(f, f) - emp) / se
+
+
+def test_d6_conv_output_lag_correlation_with_stride_and_dilation(sim):
+    """D6: an output lag of 1 is an input lag of ``stride`` (here 2) between
+    dilated taps."""
+    m, dm, y = sim
+    r, se = lag1_correlation(y, mean=np.zeros(y.shape[1]))
+    assert abs(dm.values["c0"].rho - r) <= Z * se, (dm.values["c0"].rho, r, se)
+    assert dm.values["b0"].rho == dm.values["c0"].rho  # a BN keeps the correlation (A4)
+
+
+def test_d7_activation_lag_correlation(sim):
+    """D7 (Mehler): Gaussian fields with the BN output's marginals N(beta_i,
+    gamma_i^2) and lag-1 correlation rho, through the ReLU."""
+    m, dm, _ = sim
+    rho = dm.values["b0"].rho
+    g = m.tensors["b0.weight"].astype(np.float64)
+    b = m.tensors["b0.bias"].astype(np.float64)
+    u = ar_fields(np.random.default_rng(3), N_FIELDS, 6, 12, 12, rho)
+    a = np.maximum(b[None, :, None, None] + g[None, :, None, None] * u, 0)
+    r, se = lag1_correlation(a)
+    assert abs(dm.values["a0"].rho - r) <= Z * se + 1e-4 / np.sqrt(N_FIELDS), (dm.values["a0"].rho, r, se)
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (2, 1)])
+def test_d8_average_pool_lag_correlation(k, s):
+    """D8: a k x k average pool of stride s of a field with correlation
+    rho^(|dy| + |dx|); for 2 x 2 stride 2 the closed form is rho (1 + rho) / 2."""
+    m = chain(pool_kernel=k, pool_stride=s)
+    dm = DataModel(m)
+    rho = dm.values["a0"].rho
+    x = ar_fields(np.random.default_rng(4), N_FIELDS, 1, 24, 24, rho)
+    r, se = lag1_correlation(pool(x, k, s, "avg"), mean=np.zeros(1))
+    got = dm.values["p0"].rho
+    assert abs(got - r) <= Z * se, (got, r, se)
+    if (k, s) == (2, 2):
+        assert got == pytest.approx(rho * (1 + rho) / 2, abs=1e-12)
