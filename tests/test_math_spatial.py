@@ -14,7 +14,8 @@ from helpers import bn_params
 from mathref import ar_fields, conv, lag1_correlation, pool
 
 from udfc_ref import Model, Node
-from udfc_ref.datamodel import DataModel, InputModel, dense_filters, spatial_positions
+from udfc_ref.datamodel import (DataModel, InputModel, dense_filters, lag_correlation, pool_lag_correlation,
+                                spatial_positions)
 
 RHO = 0.7  # on the D3 grid
 N_FIELDS, SIDE = 3000, 20
@@ -50,9 +51,11 @@ def chain(pool_kernel=2, pool_stride=2, dilation=2, stride=2, seed=0):
     return Model(t, nodes, "x", (2, SIDE, SIDE))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sim():
-    """The chain, its data model, and simulated conv outputs on RHO fields."""
+    """The chain, its data model, and simulated conv outputs on RHO fields
+    (function scope: each test builds its own data model, so that a mutation
+    tool maps the data model's functions to the tests that check them)."""
     m = chain()
     dm = DataModel(m)
     x = ar_fields(np.random.default_rng(1), N_FIELDS, 2, SIDE, SIDE, RHO)
@@ -122,3 +125,31 @@ def test_d8_average_pool_lag_correlation(k, s):
     assert abs(got - r) <= Z * se, (got, r, se)
     if (k, s) == (2, 2):
         assert got == pytest.approx(rho * (1 + rho) / 2, abs=1e-12)
+
+
+def test_d6_white_input_through_overlapping_kernels():
+    """D6 at rho = 0: a white input still gives correlated outputs where the
+    receptive fields overlap (3x3 kernel, stride 1: lag 1 shares 6 of 9 taps)."""
+    m = chain(dilation=1, stride=1)
+    node = m.node("c0")
+    f = dense_filters(m, node)
+    im = InputModel(np.zeros(2), np.eye(2), 0.0, spatial_positions(node, m))
+    x = ar_fields(np.random.default_rng(5), N_FIELDS, 2, 12, 12, 0.0)
+    r, se = lag1_correlation(conv(x, m.tensors["c0.weight"].astype(np.float64)), mean=np.zeros(6))
+    got = lag_correlation(f, im, (1, 1))
+    assert r > 20 * se and abs(got - r) <= Z * se, (got, r, se)
+    # no filter energy: no correlation, no division by zero
+    assert lag_correlation(np.zeros_like(f), im, (1, 1)) == 0.0
+
+
+def test_rho_is_kept_at_most_0_99():
+    """Every propagated rho stays in [0, 0.99] (the top of the D3 grid): a
+    smoothing filter on a rho = 0.98 field would give more."""
+    m = chain(dilation=1, stride=1)
+    node = m.node("c0")
+    f = np.ones((1, 2, 9))
+    im = InputModel(np.zeros(2), np.eye(2), 0.98, spatial_positions(node, m))
+    x = ar_fields(np.random.default_rng(6), 300, 2, 12, 12, 0.98)
+    r, _ = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
+    assert r > 0.99 and lag_correlation(f, im, (1, 1)) == 0.99
+    assert pool_lag_correlation(0.99, (3, 3), (1, 1)) <= 0.99

@@ -184,9 +184,11 @@ def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
     over channels, for input correlation ``im.rho_s`` (horizontal and vertical
     lags averaged; an output lag of 1 is an input lag of ``stride``):
     ``sum_i W_i Cov(x(0), x(stride e)) W_i^T / sum_i W_i Sigma_x W_i^T`` with
-    ``Cov(x_p(0), x_q(s e))[p, q] = C_in rho^(|p - q - s e|_1)`` (Manhattan, D2)."""
+    ``Cov(x_p(0), x_q(s e))[p, q] = C_in rho^(|p - q - s e|_1)`` (Manhattan, D2;
+    ``0^0 = 1``: a white input still gives correlated outputs where the
+    receptive fields overlap).  Kept in [0, 0.99] like every rho."""
     den = im.gram_diag(f).sum()
-    if den <= 0 or im.rho_s <= 0:
+    if den <= 0:
         return 0.0
     shifts = np.diag(np.asarray(stride, dtype=np.float64)[:2])  # (2, 2): vertical, horizontal
     d = np.abs(im.pos[None, :, None, :] - im.pos[None, None, :, :] - shifts[:, None, None, :]).sum(-1)
