@@ -14,15 +14,19 @@ approximation is printed by one section of this script:
 * ``d8real`` the same pooling rules on the benchmark models' real activations;
 * ``zrows``  whether the per-channel rows minimise the consumer's output error
              Z (R' = 1 vs a 3 x 3 consumer, alpha1 = 0 vs 0.01, quantized kept
-             channels).
+             channels);
+* ``top1`` / ``top1grid``  udfc's top-1 on the benchmark models (the
+             before/after table of ``docs/results.md``), not a claim check.
 
 References are independent of ``udfc_ref``: numerical quadrature and the
 field sampler of ``tests/mathref.py``, explicit conv / pool loops.
 
 Usage::
 
-    python benchmarks/math_audit.py            # every section (~10 min on 2 shared cores)
-    python benchmarks/math_audit.py m3 d8      # some sections
+    python benchmarks/math_audit.py m3 d7 kept d8 d8real zrows   # the derivation's numbers
+    python benchmarks/math_audit.py top1       # udfc top-1, 30 / 50 % + 6 bits (TOP1_JSON=f.json saves rows)
+    UDFC_CODE=/tmp/before python benchmarks/math_audit.py top1   # the same with an older udfc_ref
+    MAXPOOL_AS_AVG=1 python benchmarks/math_audit.py top1grid     # max pools by D8 (rejected variant)
 """
 
 from __future__ import annotations
@@ -36,16 +40,19 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for p in (ROOT, os.path.join(ROOT, "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# UDFC_CODE=<dir> runs the top1 sections against another code tree (e.g. an
+# exported older commit) -- its udfc_ref is imported instead of this one
+for p in (os.path.join(ROOT, "tests"), ROOT, os.environ.get("UDFC_CODE", ROOT)):
+    if p in sys.path:
+        sys.path.remove(p)
+    sys.path.insert(0, p)
 
 import mathref  # noqa: E402  (tests/mathref.py: quadrature, field sampler)
 
 import udfc_ref  # noqa: E402
 import udfc_ref.moments as mm  # noqa: E402
 import udfc_ref.solve as solve  # noqa: E402
-from udfc_ref.datamodel import DataModel, InputModel, activation_stats, pool_lag_correlation  # noqa: E402
+import udfc_ref.datamodel as dmodel  # noqa: E402  (attributes looked up late: UDFC_CODE may be older)
 
 
 def old_remainder_covariance(rho, ca, cb, var_a=None, var_b=None, same=False, marginals=None):
@@ -123,7 +130,7 @@ def section_d7():
                 b, g = rng.normal(0, 1.5, 6), rng.uniform(0.3, 2.5, 6)
                 num = sum(mathref.cov_quad(bi, gi, bi, gi, rho, act) for bi, gi in zip(b, g))
                 den = sum(mathref.moments_quad(bi, gi, act)[1] for bi, gi in zip(b, g))
-                worst = max(worst, abs(activation_stats(b, np.diag(g**2), act, rho).rho - num / den))
+                worst = max(worst, abs(dmodel.activation_stats(b, np.diag(g**2), act, rho).rho - num / den))
         print(f"| {rho} | {worst:.1e} |")
     print()
 
@@ -195,7 +202,7 @@ def section_d8():
         x = mathref.ar_fields(rng, 1000, 1, 48, 48, rho)
         for k, s in ((2, 2), (3, 2), (2, 1)):
             sim = _lag(mathref.pool(x, k, s, "avg"), mean=[0.0])
-            print(f"| {rho} | avg {k}x{k}/{s} | {sim:.3f} | {pool_lag_correlation(rho, (k, k), (s, s)):.3f} | "
+            print(f"| {rho} | avg {k}x{k}/{s} | {sim:.3f} | {dmodel.pool_lag_correlation(rho, (k, k), (s, s)):.3f} | "
                   f"{rho**s:.3f} |")
     print("\nAfter a ReLU (a = relu(beta + u), u with correlation rho_u^(|dy|+|dx|); rho_a = the measured lag-1 "
           "correlation of a, the input of the rule):\n")
@@ -208,7 +215,7 @@ def section_d8():
             ra = _lag(a)
             avg, mx, mx3 = _lag(mathref.pool(a, 2, 2, "avg")), _lag(mathref.pool(a, 2, 2, "max")), \
                 _lag(mathref.pool(a, 3, 2, "max"))
-            d8, d83 = pool_lag_correlation(ra, (2, 2), (2, 2)), pool_lag_correlation(ra, (3, 3), (2, 2))
+            d8, d83 = dmodel.pool_lag_correlation(ra, (2, 2), (2, 2)), dmodel.pool_lag_correlation(ra, (3, 3), (2, 2))
             err_avg.append(abs(avg - d8))
             err_max_d8 += [abs(mx - d8), abs(mx3 - d83)]
             err_max_sq += [abs(mx - ra**2), abs(mx3 - ra**2)]
@@ -244,7 +251,7 @@ def section_d8real():
             if n.op not in ("max_pool2d", "avg_pool2d") or vals[n.output].shape[2] < 2:
                 continue
             rin, rout = _lag(vals[n.inputs[0]]), _lag(vals[n.output])
-            d8 = pool_lag_correlation(rin, n.attrs["kernel"], n.attrs["stride"])
+            d8 = dmodel.pool_lag_correlation(rin, n.attrs["kernel"], n.attrs["stride"])
             sq = rin ** max(n.attrs["stride"])
             e_d8.append(d8 - rout)
             e_sq.append(sq - rout)
@@ -352,8 +359,55 @@ def section_zrows():
     print()
 
 
+def _top1(cells, out):
+    sys.path.insert(0, HERE)
+    import json
+
+    import accuracy
+    from udfc_ref.evaluate import load_npz
+
+    if os.environ.get("MAXPOOL_AS_AVG"):  # the rejected variant of D8': max pools by the average-pool expression
+        orig = dmodel.DataModel._propagate
+
+        def propagate(self, n):
+            s = self.values.get(n.inputs[0]) if n.op == "max_pool2d" else None
+            if s is not None and s.rho is not None:
+                rho = dmodel.pool_lag_correlation(s.rho, n.attrs["kernel"], n.attrs["stride"])
+                return dmodel.ValueStats(s.mean, s.cov, rho)
+            return orig(self, n)
+
+        dmodel.DataModel._propagate = propagate
+    print(f"## top-1 of udfc, code from {os.path.dirname(os.path.dirname(udfc_ref.__file__))}"
+          f"{', max pools by D8' if os.environ.get('MAXPOOL_AS_AVG') else ''}\n")
+    print("| model | prune | bits | bc | top-1 |\n|---|---:|---|---|---:|")
+    rows = []
+    md = os.path.join(HERE, "models")
+    for name in accuracy.MODELS:
+        m = udfc_ref.load(os.path.join(md, f"{name}.safetensors"))
+        x, y = load_npz(os.path.join(md, f"{accuracy.data_of(name)}_test.npz"))
+        for r, b, bc in cells:
+            t = accuracy.run_cell(m, x, y, r, b, "udfc", bc)["top1"]
+            rows.append({"model": name, "ratio": r, "bits": b, "bc": bc, "top1": t})
+            print(f"| {name} | {r} | {b or 'float'} | {'on' if bc else 'off'} | {100 * t:.1f} |", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print()
+
+
+def section_top1():
+    """udfc at 30 % / 50 % pruning + 6 bits, bias correction off / on."""
+    _top1([(r, 6, bc) for r in (0.3, 0.5) for bc in (False, True)], os.environ.get("TOP1_JSON"))
+
+
+def section_top1grid():
+    """udfc over prune 0.1-0.7 x float/8/6/4 bits x bias correction off/on."""
+    _top1([(r, b, bc) for r in (0.1, 0.3, 0.5, 0.7) for b in (None, 8, 6, 4) for bc in (False, True)],
+          os.environ.get("TOP1_JSON"))
+
+
 SECTIONS = {"m3": section_m3, "d7": section_d7, "kept": section_kept, "d8": section_d8, "d8real": section_d8real,
-            "zrows": section_zrows}
+            "zrows": section_zrows, "top1": section_top1, "top1grid": section_top1grid}
 
 
 def main(argv=None) -> int:
@@ -363,7 +417,7 @@ def main(argv=None) -> int:
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
         ap.error(f"unknown section(s) {bad}; choose from {list(SECTIONS)}")
-    for s in a.sections or SECTIONS:
+    for s in a.sections or [k for k in SECTIONS if not k.startswith("top1")]:
         SECTIONS[s]()
     return 0
 

@@ -134,3 +134,181 @@ def test_n1_threshold_and_sign(cos, merged):
     assert (T[0, 0] != 0) == merged
     T, _ = neuron_merging(W, np.array([1.0, -1.0]), np.zeros(2), np.zeros(2), one, np.array([1]))
     assert T[0, 0] == 0  # S < 0
+
+
+# ----------------------------------------------------------------- packing (docs/format.md)
+
+def _pack_reference(codes, bits, qmin):
+    """docs/format.md, written out with Python strings: u = q - qmin, `bits`
+    bits each, MSB first, concatenated in C order, cut into bytes, zero padded."""
+    s = "".join(format(int(q) - qmin, f"0{bits}b") for q in np.asarray(codes).reshape(-1))
+    s += "0" * (-len(s) % 8)
+    return np.array([int(s[i: i + 8], 2) for i in range(0, len(s), 8)], np.uint8)
+
+
+def test_packed_layout_is_the_documented_one():
+    """The format's own example (4-bit symmetric [-7, 0, 7] -> 0x07 0xE0) and
+    random codes of every packed width, both schemes, against the string
+    reference; unpacking inverts it."""
+    from udfc_ref.quantize import pack_codes, qrange, unpack_codes
+
+    assert pack_codes(np.array([-7, 0, 7], np.int8), 4, True).tolist() == [0x07, 0xE0]
+    rng = np.random.default_rng(0)
+    for bits in range(2, 8):
+        for symmetric in (True, False):
+            qmin, qmax = qrange(bits, symmetric)
+            for shape in ((3, 5), (7,), (2, 3, 2, 2)):
+                codes = rng.integers(qmin, qmax + 1, shape).astype(np.int8 if symmetric else np.uint8)
+                packed = pack_codes(codes, bits, symmetric)
+                assert np.array_equal(packed, _pack_reference(codes, bits, qmin)), (bits, symmetric, shape)
+                back = unpack_codes(packed, bits, symmetric, shape)
+                assert back.dtype == (np.int8 if symmetric else np.uint8) and back.shape == shape
+                assert np.array_equal(back.astype(np.int64), codes.astype(np.int64))
+
+
+def _nm_reference(W, gamma, beta, mean, sigma, kept, lam=0.85, threshold=0.1):
+    """N1-N2 written out channel by channel from the derivation."""
+    n = W.shape[0]
+    T = np.zeros((n, len(kept)))
+    for m, k in enumerate(kept):
+        T[k, m] = 1.0
+    b = beta - gamma * mean / sigma
+    for j in sorted(set(range(n)) - set(kept)):
+        wj = W[j].ravel()
+        cand = []
+        for m, c in enumerate(kept):
+            wc = W[c].ravel()
+            nj, nc = np.linalg.norm(wj), np.linalg.norm(wc)
+            cos = float(wj @ wc / (nj * nc)) if nj > 0 and nc > 0 else 0.0
+            s = nj / nc if nc > 0 else nj
+            kappa = s * gamma[j] * sigma[c] / (gamma[c] * sigma[j]) if gamma[c] != 0 else 0.0
+            # a candidate with kappa <= 0 is never chosen; its mismatch (taken as |b_c|)
+            # still enters the min-max range of the others
+            mismatch = abs(b[c] - b[j] / kappa) if kappa > 0 else abs(b[c])
+            cand.append((m, cos, kappa, mismatch))
+        lo, hi = min(x[3] for x in cand), max(x[3] for x in cand)
+        best = None
+        for m, cos, kappa, mismatch in cand:
+            bn = (mismatch - lo) / (hi - lo) if hi > lo else 0.0
+            score = lam * (1 - cos) + (1 - lam) * bn if kappa > 0 else np.inf
+            if best is None or score < best[0]:
+                best = (score, m, cos, kappa)
+        if np.isfinite(best[0]) and best[2] >= threshold:
+            T[j, best[1]] = best[3]
+    return T
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_n1_matches_the_written_out_rule(seed):
+    """N1-N2 on random layers: filters of norms well below and above 1, three
+    pruned channels, BN statistics with negative gammas, one dead pruned
+    channel, one all-zero kept filter; against the rule written out above."""
+    rng = np.random.default_rng(seed)
+    n, kept = 9, np.array([0, 2, 3, 5, 6, 8])
+    base = rng.standard_normal((3, 12))
+    W = (rng.standard_normal((n, 3)) @ base + 0.3 * rng.standard_normal((n, 12))) * rng.choice([0.05, 0.3, 3.0], (n, 1))
+    W[6] = 0.0
+    gamma = rng.uniform(0.3, 2, n) * rng.choice([1, 1, -1], n)
+    gamma[4] = 0.0
+    beta, mean, sigma = rng.normal(0, 1, n), rng.normal(0, 1, n), rng.uniform(0.3, 3, n)
+    for lam, thr in ((0.85, 0.1), (0.5, 0.3)):
+        T, t = neuron_merging(W.reshape(n, 3, 4), gamma, beta, mean, sigma, kept, lam=lam, threshold=thr)
+        ref = _nm_reference(W, gamma, beta, mean, sigma, kept, lam, thr)
+        assert np.allclose(T, ref, rtol=1e-12, atol=0) and np.all(t == 0), (T, ref)
+
+
+def test_n1_threshold_is_inclusive():
+    """Cosine similarity exactly t = 0.1 merges (only below t does not):
+    filters (1, 0, 0, 0) and (1, 3, 3, 9) / 10 have cosine 1/10 in floats."""
+    W = np.array([[1.0, 0, 0, 0], [1.0, 3, 3, 9]])
+    one = np.ones(2)
+    T, _ = neuron_merging(W, one, np.zeros(2), np.zeros(2), one, np.array([1]))
+    assert T[0, 0] == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------- S1 selection rules
+
+def test_s1_selection_rules():
+    """select_kept: round(ratio N) lowest scores pruned, lower index first on
+    ties; dead channels (|gamma| <= 1e-12) first and even beyond the ratio,
+    but never at ratio 0; at most N - min_keep pruned (min_keep 1 by default)."""
+    from udfc_ref.select import channel_scores, select_kept
+
+    scores = np.array([5.0, 1.0, 3.0, 1.0, 4.0, 2.0, 6.0, 7.0])
+    assert select_kept(scores, 0.25).tolist() == [0, 2, 4, 5, 6, 7]  # ties 1.0: index 1 then 3
+    gamma = np.ones(8)
+    gamma[[0, 6, 7]] = [0.0, 1e-13, -1e-12]
+    assert select_kept(scores, 0.1, gamma=gamma).tolist() == [1, 2, 3, 4, 5]  # 3 dead > round(0.8) = 1
+    assert select_kept(scores, 0.0, gamma=gamma).tolist() == list(range(8))
+    assert select_kept(scores, 0.99).tolist() == [7]
+    assert select_kept(scores, 0.99, min_keep=3).tolist() == [0, 6, 7]
+    w = np.arange(-6.0, 6.0).reshape(2, 6)
+    assert np.array_equal(channel_scores(w), np.abs(w).sum(1))  # l1 by default
+    assert np.array_equal(channel_scores(w, "l1", np.array([2.0, -1.0]), np.array([4.0, 0.5])),
+                          np.abs(w).sum(1) * [0.5, 2.0])
+
+
+# ----------------------------------------------------------------- R2 where the shift goes
+
+def test_r2_the_shift_goes_into_bias_running_mean_or_a_new_bias():
+    """rewrite.shift_output keeps the framework's module layout: into the
+    layer's bias when it has one; into the running mean of a BN that reads
+    it alone (mu - delta); otherwise a new float32 tensor <layer>.bias (a
+    free name), and absorb adds none when t = 0.  The output moves by delta
+    in every case."""
+    from udfc_ref.rewrite import absorb, shift_output
+
+    m = vgg(0, channels=(2, 4, 4))
+    x = np.random.default_rng(0).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    delta = np.array([0.5, -1.0, 2.0, 0.25])
+    ref = m.forward(x, return_values=True)
+    # conv without bias feeding a BN alone: the BN's running mean
+    a = m.copy()
+    names = set(a.tensors)
+    shift_output(a, a.node("c0"), delta, np.float32)
+    assert set(a.tensors) == names and "bias" not in a.node("c0").params
+    assert np.allclose(a.tensors["b0.running_mean"], m.tensors["b0.running_mean"] - delta)
+    assert a.tensors["b0.running_mean"].dtype == np.float32
+    assert np.allclose(a.forward(x, return_values=True)["b0"], ref["b0"] + (m.tensors["b0.weight"] * delta /
+                       np.sqrt(m.tensors["b0.running_var"] + 1e-5))[None, :, None, None], atol=1e-5)
+    # a layer with a bias: the bias
+    fc = m.node("fc")
+    b = m.copy()
+    shift_output(b, b.node("fc"), np.arange(5.0), np.float32)
+    assert np.allclose(b.tensors["fc.bias"], m.tensors["fc.bias"] + np.arange(5.0)) and set(b.tensors) == names
+    assert b.tensors["fc.bias"].dtype == np.float32
+    # no bias, no BN reading it alone: a new tensor named after the weight, never over an existing one
+    c = m.copy()
+    del c.tensors[fc.params["bias"]]
+    del c.node("fc").params["bias"]
+    c.tensors["fc.bias"] = np.zeros(1, np.float32)  # an unrelated tensor already holds the name
+    shift_output(c, c.node("fc"), np.arange(5.0), np.float32)
+    key = c.node("fc").params["bias"]
+    assert key == "fc.bias_1" and c.tensors[key].dtype == np.float32 and c.tensors["fc.bias"].shape == (1,)
+    assert np.allclose(c.forward(x), m.forward(x) - m.tensors["fc.bias"] + np.arange(5.0), atol=1e-5)
+    # absorb with t = 0 adds no tensor
+    d = m.copy()
+    del d.tensors[fc.params["bias"]]
+    del d.node("fc").params["bias"]
+    names = set(d.tensors)
+    absorb(d, d.node("c1"), np.eye(4), np.zeros(4), np.float32)
+    assert set(d.tensors) == names and "bias" not in d.node("c1").params
+
+
+# ----------------------------------------------------------------- storage
+
+def test_storage_bytes_and_bad_packed_arrays():
+    """Bytes of a quantized tensor: ceil(n bits / 8) for the codes, the
+    scales, ceil(#zero points * bits / 8); unpacking refuses a wrong size,
+    shape or dtype."""
+    from udfc_ref.quantize import pack_codes, unpack_codes
+
+    w = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    for bits, sym in ((4, True), (3, False), (8, True), (16, False)):
+        q = quantize(w, bits, symmetric=sym)
+        zp = 0 if sym else int(np.ceil(3 * bits / 8))
+        assert q.storage_bytes() == int(np.ceil(21 * bits / 8)) + 3 * 4 + zp
+    packed = pack_codes(quantize(w, 4).codes, 4, True)
+    for bad in (packed[:-1], packed.reshape(1, -1), packed.astype(np.int8)):
+        with pytest.raises(ValueError):
+            unpack_codes(bad, 4, True, (3, 7))

@@ -153,3 +153,74 @@ def test_rho_is_kept_at_most_0_99():
     r, _ = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
     assert r > 0.99 and lag_correlation(f, im, (1, 1)) == 0.99
     assert pool_lag_correlation(0.99, (3, 3), (1, 1)) <= 0.99
+
+
+def _exact_bn_var(f, pos, rho):
+    """diag(W Sigma_x W^T) for a white-channel input with correlation
+    rho^(|dy| + |dx|), written out over pairs of taps."""
+    d = np.abs(pos[:, None, :] - pos[None, :, :]).sum(-1)
+    return np.einsum("ncp,ncq,pq->n", f, f, rho**d)
+
+
+@pytest.mark.parametrize("case", ["1x2 kernel", "small variances, a dead and a zero channel", "two live channels"])
+def test_d3_edge_cases(case):
+    """D3 recovers rho from exact BN variances for a 2-tap kernel, for
+    variances far below 1 with a dead BN channel (running_var 0) and an
+    all-zero filter among them, and with exactly two usable channels; with
+    fewer than two usable channels, or one input position, it gives 0."""
+    from udfc_ref.datamodel import fit_rho_s
+
+    rng = np.random.default_rng(7)
+    rho = 0.45
+    pos = np.stack(np.meshgrid(np.arange(3), np.arange(3) * 2, indexing="ij"), -1).reshape(-1, 2)
+    f = rng.standard_normal((6, 2, 9)) + 1.0
+    if case == "1x2 kernel":
+        pos, f = pos[:2], f[:, :, :2]
+    var = _exact_bn_var(f, pos, rho)
+    if case.startswith("small"):
+        f, var = f * 1e-3, var * 1e-6
+        f[2] = 0.0
+        var[4] = 0.0
+    if case == "two live channels":
+        var[2:] = 0.0
+    assert fit_rho_s(f, np.eye(2), pos, var) == pytest.approx(rho, abs=1e-12)
+    var[1:] = 0.0
+    assert fit_rho_s(f, np.eye(2), pos, var) == 0.0
+    assert fit_rho_s(f[:, :, :1], np.eye(2), pos[:1], _exact_bn_var(f[:, :, :1], pos[:1], rho)) == 0.0
+
+
+def test_d6_is_scale_invariant():
+    """D6 is a ratio: filters scaled by 1e-3 (output variance far below 1)
+    give the same lag-1 correlation."""
+    m = chain()
+    node = m.node("c0")
+    f = dense_filters(m, node)
+    im = InputModel(np.zeros(2), np.eye(2), 0.6, spatial_positions(node, m))
+    assert lag_correlation(1e-3 * f, im, (2, 2)) == pytest.approx(lag_correlation(f, im, (2, 2)), rel=1e-12)
+    assert 0.1 < lag_correlation(f, im, (2, 2)) < 0.99
+
+
+def test_lazy_data_model_equals_the_eager_one_and_holds_only_the_frontier():
+    """Section 9: the lazy data model (statistics dropped once every reader
+    was propagated, input models released by the caller) gives exactly the
+    eager model's statistics -- also for a linear layer reading a flatten's
+    input -- and holds only a few values at a time."""
+    from helpers import vgg
+
+    m = vgg(3, channels=(3, 6, 8, 8))
+    eager = DataModel(m)
+    lazy = DataModel(m, lazy=True)
+    held = []
+    for n in m.nodes:
+        if n.op in ("conv2d", "linear"):
+            a, b = eager.inputs[n.name], lazy.input_model(n.name)
+            assert a.rho_s == b.rho_s and np.array_equal(a.mean_c, b.mean_c) and np.array_equal(a.cov_c, b.cov_c)
+            lazy.release(n.name)
+            assert n.name not in lazy.inputs
+        st = lazy.value(n.output)
+        ref = eager.values[n.output]
+        assert (st is None) == (ref is None)
+        if ref is not None:
+            assert np.array_equal(st.mean, ref.mean) and np.array_equal(st.cov, ref.cov) and st.rho == ref.rho
+        held.append(len(lazy.values))
+    assert max(held) <= 4 < len(eager.values)
