@@ -160,10 +160,11 @@ def _exact_bn_var(f, pos, rho):
     """diag(W Sigma_x W^T) for a white-channel input with correlation
     rho^(|dy| + |dx|), written out over pairs of taps."""
     d = np.abs(pos[:, None, :] - pos[None, :, :]).sum(-1)
-    return np.einsum("ncp,ncq,pq->n", f, f, rho**d)
+    return np.einsum("ncp,ncq,pq->n", f, f, rho**d)  # 0^0 = 1: white input, R = I
 
 
-@pytest.mark.parametrize("case", ["1x2 kernel", "small variances, a dead and a zero channel", "two live channels"])
+@pytest.mark.parametrize("case", ["1x2 kernel", "small variances, a dead and a zero channel", "two live channels",
+                                  "white input"])
 def test_d3_edge_cases(case):
     """D3 recovers rho from exact BN variances for a 2-tap kernel, for
     variances far below 1 with a dead BN channel (running_var 0) and an
@@ -172,7 +173,7 @@ def test_d3_edge_cases(case):
     from udfc_ref.datamodel import fit_rho_s
 
     rng = np.random.default_rng(7)
-    rho = 0.45
+    rho = 0.0 if case == "white input" else 0.45
     pos = np.stack(np.meshgrid(np.arange(3), np.arange(3) * 2, indexing="ij"), -1).reshape(-1, 2)
     f = rng.standard_normal((6, 2, 9)) + 1.0
     if case == "1x2 kernel":

@@ -174,3 +174,43 @@ def test_u4_fallback_returns_the_minimum_norm_minimiser(alpha1):
     null = np.array([1.0, -1.0, 0.0, 0.0])
     for c in (1e-3, -0.5, 2.0):
         assert np.linalg.norm(T[0]) < np.linalg.norm(T[0] + c * null)
+
+
+def test_zero_filters_keep_the_bn_marginals():
+    """A channel whose filter is all zero has no Gram entry (G_kk = 0): the
+    data model keeps its BN marginals (A1: z ~ N(beta, gamma^2)) for the
+    original and the compressed copy alike, uncorrelated with every other
+    channel (no division by zero); U1-U3 then rebuild a pruned one by its
+    mean.  A dead kept channel (constant) keeps s' = 1.  Everything finite.  (A zero filter with a nonzero running variance
+    is inconsistent with its BN; the data model trusts the BN, derivation A1.)"""
+    from mathref import moments_quad
+
+    rng = np.random.default_rng(5)
+    pos = np.stack(np.meshgrid(np.arange(3), np.arange(3), indexing="ij"), -1).reshape(-1, 2)
+    im = InputModel(rng.uniform(0, 1, 2), np.eye(2), 0.5, pos)
+    W = rng.standard_normal((5, 2, 9))
+    W[[1, 3]] = 0.0  # channel 1 kept, channel 3 pruned
+    gamma, beta = rng.uniform(0.5, 1.5, 5), np.array([0.2, 0.7, -0.1, 1.3, 0.4])
+    gamma[2] = 0.0  # a dead channel kept (ratio 0 keeps them): a constant, U1 gives s' = 1
+    kept = np.array([0, 1, 2, 4])
+    s = pair_stats(W, W[kept], im, gamma, beta, "relu", kept)
+    assert s.cov_q[2, 2] == 0.0
+    m1, v1 = moments_quad(0.7, gamma[1], "relu")
+    m3, v3 = moments_quad(1.3, gamma[3], "relu")
+    assert s.mean_q[1] == pytest.approx(m1, abs=1e-10) and s.cov_q[1, 1] == pytest.approx(v1, abs=1e-10)
+    assert s.var_a[3] == pytest.approx(v3, abs=1e-10) and s.mean_a[3] == pytest.approx(m3, abs=1e-10)
+    off = np.ones(4, bool)
+    off[1] = False
+    assert np.all(s.cov_q[1, off] == 0) and np.all(s.cross[np.arange(5) != 1, 1] == 0) and np.all(s.cross[3] == 0)
+    T, t = udfc(s, 5)
+    assert np.all(np.isfinite(T)) and np.all(np.isfinite(t))
+    assert np.all(T[3] == 0) and t[3] == pytest.approx(m3, abs=1e-10) and T[2, 2] == 1.0
+
+
+def test_udfc_defaults_are_the_papers_alphas():
+    """U0: alpha1 = 0.01, alpha2 = 0.008 unless given."""
+    W, Wq, im, gamma, beta, kept = random_pair(11, 6, 3, 3, "relu", 2, 4)
+    s = pair_stats(W, Wq, im, gamma, beta, "relu", kept)
+    for a, b in zip(udfc(s, 6), udfc(s, 6, alpha1=0.01, alpha2=0.008)):
+        assert np.array_equal(a, b)
+    assert not np.allclose(udfc(s, 6)[0], udfc(s, 6, alpha1=0.0, alpha2=0.0)[0])
