@@ -111,3 +111,49 @@ def test_activation_stats_edge_cases():
     assert abs(small.rho - num / den) <= 1e-9
     ident = activation_stats(b, cov, "identity", 0.5)
     assert np.array_equal(ident.mean, b) and np.array_equal(ident.cov, cov) and ident.rho == 0.5
+
+
+def test_dead_channels_and_defaults():
+    """A dead channel (gamma = 0) is the constant f(beta): mean clip(beta),
+    variance 0, no Hermite coefficients; ReLU is the default activation
+    (clip to [0, inf)), and 30 Hermite terms the default."""
+    from udfc_ref.moments import clipped_gaussian_moments
+
+    for act, lo, hi in (("relu", 0, np.inf), ("relu6", 0, 6), ("identity", -np.inf, np.inf)):
+        b = np.array([-0.5, 0.3, 7.0])
+        m, v = activation_mean_var(b, np.zeros(3), act)
+        assert np.array_equal(m, np.clip(b, lo, hi)) and np.array_equal(v, np.zeros(3))
+        assert np.all(hermite_coefficients(b, np.zeros(3), act) == 0)
+    b, g = np.array([0.4, -1.0]), np.array([1.3, 0.6])
+    assert all(np.array_equal(x, y) for x, y in zip(activation_mean_var(b, g), activation_mean_var(b, g, "relu")))
+    m2 = clipped_gaussian_moments(b, g)
+    assert np.allclose(m2[0], [moments_quad(bi, gi, "relu")[0] for bi, gi in zip(b, g)], atol=1e-12)
+    c = hermite_coefficients(b, g)
+    assert c.shape == (30, 2) and np.array_equal(c, hermite_coefficients(b, g, "relu", 30))
+
+
+@pytest.mark.parametrize("act", ("relu", "relu6"))
+def test_near_duplicate_kept_channels(act):
+    """Two kept channels whose filters differ by 1 % (rho ~ 0.9999) and
+    their quantized copies: pair_stats' covariances among them (C~) and with
+    the originals (X) match quadrature to the M3' bound -- without the
+    modelled remainder they would miss by the series' tail."""
+    from udfc_ref.datamodel import InputModel
+    from udfc_ref.solve import pair_stats
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((3, 1, 4))
+    W[1] = W[0] * 1.3 + 0.01 * rng.standard_normal((1, 4))
+    gamma, beta = np.array([1.2, 0.8, 1.0]), np.array([0.3, -0.4, 0.1])
+    im = InputModel(np.zeros(1), np.eye(1), 0.0, np.zeros((4, 2)))
+    kept = np.array([0, 1])
+    s = pair_stats(W, W[kept], im, gamma, beta, act, kept)
+    G = W.reshape(3, -1) @ W.reshape(3, -1).T
+    rho = G[0, 1] / np.sqrt(G[0, 0] * G[1, 1])
+    assert rho > 0.999
+    ref = cov_quad(beta[0], gamma[0], beta[1], gamma[1], rho, act)
+    scale = np.sqrt(s.cov_q[0, 0] * s.cov_q[1, 1])
+    assert abs(s.cov_q[0, 1] - ref) <= 2e-3 * scale and abs(s.cross[0, 1] - ref) <= 2e-3 * scale
+    tail = abs(activation_covariance(np.array([[rho]]), hermite_coefficients(beta[:1], gamma[:1], act),
+                                     hermite_coefficients(beta[1:2], gamma[1:2], act))[0, 0] - ref)
+    assert tail > 4 * abs(s.cov_q[0, 1] - ref)  # the remainder matters here

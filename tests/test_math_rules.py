@@ -312,3 +312,96 @@ def test_storage_bytes_and_bad_packed_arrays():
     for bad in (packed[:-1], packed.reshape(1, -1), packed.astype(np.int8)):
         with pytest.raises(ValueError):
             unpack_codes(bad, 4, True, (3, 7))
+
+
+# ----------------------------------------------------------------- Q1-Q3 in detail
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_q2_scale_zero_point_and_dtypes(dtype):
+    """Q2 per channel, written out: symmetric s = max|x| / (2^(b-1) - 1);
+    asymmetric s = (max(x, 0) - min(x, 0)) / (2^b - 1), z = rint(-min(x, 0) / s)
+    (channel maxima below 1 here); codes rint(x / s) + z with the stored
+    scale; a zero range gives s = 1; codes int8 (uint8 for 8-bit asymmetric),
+    int16 (uint16 asymmetric) and the weight's dtype kept through dequantize."""
+    w = np.array([[0.3, -0.7, 0.05, 0.2], [0.01, 0.02, 0.04, 0.03], [0.0, 0.0, 0.0, 0.0]], dtype)
+    x = w.astype(np.float64)
+    for bits, sym in ((4, True), (4, False), (8, True), (8, False), (16, True), (16, False)):
+        q = quantize(w, bits, symmetric=sym)
+        qmax = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
+        rng = np.abs(x).max(1) if sym else np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)
+        exact = np.where(rng > 0, rng / qmax, 1.0)
+        s = q.scale.astype(np.float64)
+        # stored in the weight dtype: to nearest, or one step up where that is more than 2^-20 low
+        step = np.abs(np.spacing(s.astype(dtype))).astype(np.float64)
+        assert s[2] == 1.0 and np.all(s >= exact * (1 - 2.0**-20)) and np.all(np.abs(s - exact) <= step)
+        z = np.zeros(3) if sym else np.rint(-np.minimum(x.min(1), 0) / s)
+        assert sym == (q.zero_point is None) and (sym or np.array_equal(q.zero_point.astype(np.int64), z))
+        assert np.array_equal(q.codes.astype(np.int64), np.rint(x / s[:, None]) + z[:, None])
+        assert q.codes.dtype == {(True, 4): np.int8, (False, 4): np.int8, (True, 8): np.int8, (False, 8): np.uint8,
+                                 (True, 16): np.int16, (False, 16): np.uint16}[(sym, bits)]
+        assert sym or q.zero_point.dtype == q.codes.dtype
+        assert q.dequantize().dtype == dtype and q.scale.dtype == dtype
+    # the defaults: symmetric, per channel
+    d = quantize(w, 4)
+    assert d.symmetric and d.per_channel and d.scale.shape == (3,)
+
+
+def test_q2_subnormal_and_underflowing_scales():
+    """A float32 scale that rounds down by more than 2^-20 (subnormal) is
+    rounded up instead, so the range fits the codes -- down to a scale that
+    would underflow to 0, which becomes the smallest subnormal."""
+    hits = 0
+    for x in np.float32(1e-39) * np.arange(1, 40, dtype=np.float32):
+        s64 = float(x) / 32767
+        nearest = float(np.float32(s64))
+        if nearest >= s64 * (1 - 2.0**-20):
+            continue
+        hits += 1
+        q = quantize(np.array([[x, -x]], np.float32), 16)
+        assert float(q.scale[0]) >= s64 and np.all(np.abs(q.codes.astype(np.int64)) <= 32767)
+    assert hits > 0
+    q = quantize(np.array([[1e-44, 0.0]], np.float32), 16, symmetric=False)
+    assert float(q.scale[0]) >= 1e-44 / 65535 and float(q.scale[0]) > 0 and q.codes.max() <= 65535
+    assert np.allclose(q.dequantize().astype(np.float64), [[1e-44, 0.0]], atol=float(q.scale[0]))
+
+
+def _best_on_grid(row, bits, symmetric):
+    """Q3 by brute force: the clip ratio r in {1, 63/64, ..., 1/64} minimising
+    the squared error, the scale rounded to float32 as stored."""
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    best = None
+    for r in np.linspace(1.0, 1.0 / 64, 64):
+        lo, hi = min(row.min(), 0.0) * r, max(row.max(), 0.0) * r
+        if symmetric:
+            s = float(np.float32(max(-lo, hi) / qmax))
+            z = 0.0
+        else:
+            s = float(np.float32((hi - lo) / (qmax - qmin)))
+            z = float(np.clip(np.rint(qmin - lo / s), qmin, qmax))
+        deq = (np.clip(np.rint(row / s) + z, qmin, qmax) - z) * s
+        err = ((deq - row) ** 2).sum()
+        if best is None or err < best[0]:
+            best = (err, s, z)
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_q3_mse_clip_is_the_best_grid_ratio_per_channel(symmetric):
+    """Q3: per channel, the ratio of the 64-point grid with the least
+    squared error; outliers on both sides clip to the code range; a channel
+    without outliers keeps r = 1."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 256)).astype(np.float32)
+    w[0, 0], w[0, 1] = 9.0, -7.0  # outliers both sides
+    w[1, 5] = -8.0
+    q = quantize(w, 4, symmetric=symmetric, mse_clip=True)
+    qmin, qmax = (-7, 7) if symmetric else (0, 15)
+    assert q.codes.min() >= qmin and q.codes.max() <= qmax
+    deq = q.dequantize().astype(np.float64)
+    for c in range(3):
+        err, s, z = _best_on_grid(w[c].astype(np.float64), 4, symmetric)
+        assert float(q.scale[c]) == pytest.approx(s, rel=1e-7)
+        assert ((deq[c] - w[c]) ** 2).sum() == pytest.approx(err, rel=1e-6)
+        if not symmetric:
+            assert int(q.zero_point[c]) == z
+    assert float(q.scale[2]) == pytest.approx(float(quantize(w[2:], 4, symmetric=symmetric).scale[0]), rel=0.2)
