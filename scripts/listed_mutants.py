@@ -24,7 +24,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TESTS = ["tests/test_math_moments.py", "tests/test_math_spatial.py", "tests/test_math_chain.py",
+TESTS = ["tests/test_math_moments.py", "tests/test_math_spatial.py", "tests/test_math_propagation.py", "tests/test_math_chain.py",
          "tests/test_math_rules.py", "tests/test_solver.py", "tests/test_quantize.py", "tests/test_compress.py"]
 
 # name: (file, old, new, what it breaks)
