@@ -24,8 +24,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TESTS = ["tests/test_math_moments.py", "tests/test_math_spatial.py", "tests/test_math_propagation.py", "tests/test_math_chain.py",
-         "tests/test_math_rules.py", "tests/test_solver.py", "tests/test_quantize.py", "tests/test_compress.py"]
+TESTS = ["tests/test_math_moments.py", "tests/test_math_spatial.py", "tests/test_math_propagation.py",
+         "tests/test_math_chain.py", "tests/test_math_rules.py", "tests/test_solver.py", "tests/test_quantize.py",
+         "tests/test_compress.py"]
 
 # name: (file, old, new, what it breaks)
 MUTANTS = {
@@ -65,7 +66,8 @@ MUTANTS = {
     "n1-lambda-swapped": ("udfc_ref/solve.py", "score = lam * (1 - cos) + (1 - lam) * Bn",
                           "score = (1 - lam) * (1 - cos) + lam * Bn", "N1: lambda weights swapped"),
     "n1-no-threshold": ("udfc_ref/solve.py", ">= threshold)", ">= -2.0)", "N1: threshold ignored"),
-    "n1-notes-mismatch": ("udfc_ref/solve.py", "B = np.abs(bbar[kept][None, :] - _safe_div(bbar[pruned][:, None], kappa))",
+    "n1-notes-mismatch": ("udfc_ref/solve.py",
+                          "B = np.abs(bbar[kept][None, :] - _safe_div(bbar[pruned][:, None], kappa))",
                           "B = np.abs(bbar[kept][None, :] - bbar[pruned][:, None] * s**2 / kappa) / kappa",
                           "N1: the METHOD-NOTES form of the mismatch"),
     "e2-weights-not-squared": ("udfc_ref/compression.py", "weights += (cw**2).sum(axis=(0, 2))",

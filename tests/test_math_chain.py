@@ -94,8 +94,9 @@ def test_a4_bn_output_has_mean_beta_and_the_activation_moments_follow(chain):
     m2.tensors["bn1.running_mean"] = m2.tensors["bn1.running_mean"] + 5.0
     m2.tensors["bn2.running_mean"] = m2.tensors["bn2.running_mean"] - 5.0
     dm2 = DataModel(m2)
-    assert all(np.array_equal(dm.values[k].mean, dm2.values[k].mean) and np.array_equal(dm.values[k].cov, dm2.values[k].cov)
-               for k in ("z1", "h2", "z2", "a2"))
+    for k in ("z1", "h2", "z2", "a2"):
+        assert np.array_equal(dm.values[k].mean, dm2.values[k].mean)
+        assert np.array_equal(dm.values[k].cov, dm2.values[k].cov)
 
 
 def test_b1_bias_correction_keeps_the_quantized_layers_output_mean(chain):

@@ -27,7 +27,10 @@ def _conv(t, rng, name, inp, cin, cout, k=3, **attrs):
 def every_op_model(seed=0):
     rng = np.random.default_rng(seed)
     t = {}
-    bn = lambda name, inp, c: Node(name, "batch_norm", [inp], name, {"eps": 1e-5}, bn_params(rng, c, name, t))  # noqa: E731
+
+    def bn(name, inp, c):
+        return Node(name, "batch_norm", [inp], name, {"eps": 1e-5}, bn_params(rng, c, name, t))
+
     nodes = [
         Node("p_in", "avg_pool2d", ["x"], "p_in", {"kernel": 2}),  # right after the input: rho unknown
         _conv(t, rng, "c0", "p_in", 3, 4, bias=True),  # no BN after it: no D3 calibration

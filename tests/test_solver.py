@@ -181,8 +181,9 @@ def test_zero_filters_keep_the_bn_marginals():
     data model keeps its BN marginals (A1: z ~ N(beta, gamma^2)) for the
     original and the compressed copy alike, uncorrelated with every other
     channel (no division by zero); U1-U3 then rebuild a pruned one by its
-    mean.  A dead kept channel (constant) keeps s' = 1.  Everything finite.  (A zero filter with a nonzero running variance
-    is inconsistent with its BN; the data model trusts the BN, derivation A1.)"""
+    mean.  A dead kept channel (constant) keeps s' = 1.  Everything finite.
+    (A zero filter with a nonzero running variance is inconsistent with its
+    BN; the data model trusts the BN, derivation A1.)"""
     from mathref import moments_quad
 
     rng = np.random.default_rng(5)
