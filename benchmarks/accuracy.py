@@ -1,5 +1,10 @@
 """Accuracy grid: top-1 of every benchmark model after ``udfc_ref.compress``.
 
+A thin caller of ``udfc_ref.sweep`` (``docs/sweep.md``), one sweep per model;
+its resumable per-model result files are kept in ``<out>/sweep/``, so an
+interrupted run recomputes only the missing cells.  ``--workers`` /
+``--scheduler`` run the cells on Dask (default: sequential).
+
 Grid: prune ratio {0, 0.1, 0.3, 0.5, 0.7} x weight bits {float, 8, 6, 4} x
 method {none, nm, udfc} x bias correction {off, on}. For each cell: top-1 on
 the model's test split, parameters, weight bytes, MACs (``param_count``,
@@ -17,6 +22,7 @@ Usage::
     python benchmarks/accuracy.py --models vgg_mnist
     python benchmarks/accuracy.py --tables             # tables + plots only
     python benchmarks/accuracy.py --smoke --out /tmp/x # one model, 2 cells, 200 samples
+    python benchmarks/accuracy.py --workers 2          # on a local Dask cluster of 2 processes
 """
 
 from __future__ import annotations
@@ -25,22 +31,21 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import udfc_ref  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
-from udfc_ref.evaluate import load_npz, top1  # noqa: E402
+from udfc_ref.sweep import dask_client, sweep  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist")
+MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
+          "efficientnet_mnist", "mobilenetv3_mnist")
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)
 BITS = (None, 8, 6, 4)
 METHODS = ("none", "nm", "udfc")
@@ -48,52 +53,49 @@ BIAS_CORRECTION = (False, True)
 FIELDS = ("model", "prune_ratio", "weight_bits", "method", "bias_correction", "top1", "top1_original", "params",
           "bytes", "macs", "compress_seconds", "mean_err_before", "mean_err_after", "n_test")
 
+#: the key order of the rows in accuracy.json (as written before this script called sweep)
+JSON_ORDER = ("model", "prune_ratio", "weight_bits", "method", "bias_correction", "top1_original", "n_test", "top1",
+              "params", "bytes", "macs", "compress_seconds", "mean_err_before", "mean_err_after")
+
 
 def data_of(model_name: str) -> str:
     return "digits" if model_name.endswith("digits") else "mnist"
 
 
-def run_cell(model, x, y, ratio, bits, method, bc) -> dict:
-    """Compress once and evaluate; returns the measured numbers of one cell."""
-    t0 = time.perf_counter()
-    small, rep = udfc_ref.compress(model, prune_ratio=ratio, weight_bits=bits, method=method, bias_correction=bc)
-    sec = time.perf_counter() - t0
-    errs_b = [r.error_before for r in rep.layers if r.error_before is not None]
-    errs_a = [r.error_after for r in rep.layers if r.error_after is not None]
-    return {
-        "top1": top1(small, x, y), "params": small.param_count(), "bytes": small.weight_bytes(),
-        "macs": small.flops(), "compress_seconds": round(sec, 4),
-        "mean_err_before": float(np.mean(errs_b)) if errs_b else None,
-        "mean_err_after": float(np.mean(errs_a)) if errs_a else None,
-    }
-
-
-def grid(smoke: bool):
+def grid(smoke: bool) -> dict:
+    """The grid as ``udfc_ref.sweep`` option lists."""
     if smoke:
-        return [(0.3, 6, "udfc", False), (0.3, 6, "none", False)]
-    return [(r, b, m, bc) for r in RATIOS for b in BITS for m in METHODS for bc in BIAS_CORRECTION]
+        return dict(prune_ratios=[0.3], weight_bits=[6], methods=["udfc", "none"], bias_correction=[False])
+    return dict(prune_ratios=list(RATIOS), weight_bits=list(BITS), methods=list(METHODS),
+                bias_correction=list(BIAS_CORRECTION))
 
 
-def run(models, model_dir, n, smoke, log=print) -> list[dict]:
+def run(models, model_dir, n, smoke, log=print, work_dir=None, workers=0, scheduler=None) -> list[dict]:
+    """``udfc_ref.sweep`` per model; its resumable result files go to
+    ``work_dir`` (``<name>.csv``), so an interrupted run continues where it
+    stopped.  Returns the rows in this script's format (:data:`FIELDS`)."""
     rows = []
     for name in models:
         path = os.path.join(model_dir, f"{name}.safetensors")
-        model = udfc_ref.load(path)
-        x, y = load_npz(os.path.join(model_dir, f"{data_of(name)}_test.npz"))
-        if n is not None:
-            x, y = x[:n], y[:n]
-        base = top1(model, x, y)
+        data = os.path.join(model_dir, f"{data_of(name)}_test.npz")
+        kw = dict(max_samples=n, workers=workers, scheduler=scheduler, progress=True,
+                  out=None if work_dir is None else os.path.join(work_dir, f"{name}.csv"))
+        if work_dir is not None:
+            os.makedirs(work_dir, exist_ok=True)
+        # the original model: prune ratio 0, float weights (compress returns it unchanged); a cell of the full grid
+        base_row = sweep(path, data, prune_ratios=0.0, weight_bits=None, methods="none", **kw)[0]
         cells = grid(smoke)
-        log(f"{name}: original top-1 {base:.4f} on {len(y)} samples, {len(cells)} cells", flush=True)
+        log(f"{name}: original top-1 {base_row['top1']:.4f} on {base_row['n_test']} samples, "
+            f"{math.prod(len(v) for v in cells.values())} cells", flush=True)
         t0 = time.perf_counter()
-        for i, (r, b, m, bc) in enumerate(cells):
-            res = run_cell(model, x, y, r, b, m, bc)
-            row = {"model": name, "prune_ratio": r, "weight_bits": b, "method": m, "bias_correction": bc,
-                   "top1_original": base, "n_test": int(len(y)), **res}
-            rows.append(row)
-            log(f"  [{i + 1}/{len(cells)}] ratio {r} bits {b or 'float'} {m}{'+bc' if bc else ''}: "
-                f"top-1 {res['top1']:.4f} ({res['compress_seconds']:.2f} s, total {time.perf_counter() - t0:.0f} s)",
-                flush=True)
+        srows = sweep(path, data, **cells, **kw)
+        failed = [r for r in srows if r["error"]]
+        if failed:
+            raise SystemExit(f"{name}: {len(failed)} cells failed, first: {failed[0]['error']}"
+                             + (f" (finished cells are kept in {kw['out']}; rerun to retry)" if kw["out"] else ""))
+        log(f"{name}: {len(srows)} cells in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows += [{k: name if k == "model" else base_row["top1"] if k == "top1_original" else r[k]
+                  for k in JSON_ORDER} for r in srows]
     return rows
 
 
@@ -227,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="one model, 2 cells, 200 samples")
     ap.add_argument("--tables", action="store_true", help="render tables/plots from <out>/accuracy.json only")
     ap.add_argument("--append", action="store_true", help="merge with rows of other models already in accuracy.json")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="Dask: a local cluster of N worker processes (default and 0: sequential, no Dask)")
+    ap.add_argument("--scheduler", default=None, help="Dask: the address of an existing cluster")
     a = ap.parse_args(argv)
     if a.tables:
         with open(os.path.join(a.out, "accuracy.json")) as f:
@@ -243,7 +248,12 @@ def main(argv=None) -> int:
         models = [m for m in MODELS if os.path.exists(os.path.join(a.model_dir, f"{m}.safetensors"))]
     if a.smoke:
         models, a.n = models[:1], a.n or 200
-    rows = run(models, a.model_dir, a.n, a.smoke)
+    work_dir = os.path.join(a.out, "sweep")
+    if a.workers or a.scheduler:
+        with dask_client(a.scheduler, a.workers) as client:  # one cluster for every model's sweeps
+            rows = run(models, a.model_dir, a.n, a.smoke, work_dir=work_dir, scheduler=client, workers=None)
+    else:
+        rows = run(models, a.model_dir, a.n, a.smoke, work_dir=work_dir)
     if a.append and os.path.exists(os.path.join(a.out, "accuracy.json")):
         with open(os.path.join(a.out, "accuracy.json")) as f:
             old = [r for r in json.load(f) if r["model"] not in models]

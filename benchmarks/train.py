@@ -20,7 +20,13 @@ Models (``--models``, comma separated):
   depthwise 3x3, ReLU6, linear bottleneck, residual add), 1x1 head conv,
   global pool, linear;
 * ``keras_mnist`` -- Keras 3 (``KERAS_BACKEND=torch``) functional CNN with
-  BN, ReLU, a residual ``Add``, trained with ``model.fit``.
+  BN, ReLU, a residual ``Add``, trained with ``model.fit``;
+* ``efficientnet_mnist`` -- EfficientNet-style: SiLU, MBConv blocks (1x1
+  expand, depthwise, squeeze-excitation with SiLU and a sigmoid gate, linear
+  bottleneck, residual add), 1x1 head conv, global pool, linear;
+* ``mobilenetv3_mnist`` -- MobileNetV3-style: Hardswish / ReLU bottlenecks,
+  squeeze-excitation with a hard-sigmoid gate, 1x1 head conv, global pool,
+  linear -> Hardswish -> linear classifier.
 
 PyTorch training: Adam with L2 weight decay, cosine learning rate, random
 +-2 px shifts, fixed seeds, 2 CPU threads; at the end the BN running
@@ -28,8 +34,11 @@ statistics are recomputed on the clean (un-shifted) training set (an exact
 average over all training samples instead of the momentum estimate).
 Each model is exported with ``converters.torch.export`` (torch) or
 ``converters.keras.export`` (Keras; the ``.keras`` file is kept too) to
-``<out>/<model>.safetensors``; the run's accuracies go to
-``<out>/train.json``.
+``<out>/<model>.safetensors``; the two modern networks, whose SiLU /
+Hardswish / gate products that converter did not map when they were added,
+by their own ``emit`` methods (:func:`export_modern`: one udfc-ref node per
+module, ``state_dict`` names, checked against the PyTorch forward before
+saving).  The run's accuracies go to ``<out>/train.json``.
 
 Usage::
 
@@ -54,9 +63,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SEED = 0
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist")
+MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
+          "efficientnet_mnist", "mobilenetv3_mnist")
+#: the networks exported by their own ``emit`` methods (:func:`export_modern`)
+MODERN = ("efficientnet_mnist", "mobilenetv3_mnist")
 #: epochs of the full run per model
-EPOCHS = {"vgg_mnist": 20, "vgg_small_mnist": 25, "resnet_mnist": 20, "mobilenet_mnist": 25, "keras_mnist": 20, "vgg_digits": 40}
+EPOCHS = {"vgg_mnist": 20, "vgg_small_mnist": 25, "resnet_mnist": 20, "mobilenet_mnist": 25, "keras_mnist": 20,
+          "vgg_digits": 40, "efficientnet_mnist": 20, "mobilenetv3_mnist": 20}
 SHIFT = 2  # augmentation: random shifts of up to +-SHIFT pixels
 
 
@@ -204,13 +217,206 @@ def _nets():
         def forward(self, x):
             return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
-    return {
+    nets = {
         "vgg_mnist": (lambda: VGG((16, "M", 32, 32, "M", 64, 64, "M"), 28), "mnist", 3e-3),
         "vgg_small_mnist": (lambda: VGG((8, "M", 16, 16, "M", 32, 32, "M"), 28), "mnist", 3e-3),
         "vgg_digits": (lambda: VGG((16, 16, "M", 32, 32, "M"), 8), "digits", 3e-3),
         "resnet_mnist": (ResNet, "mnist", 3e-3),
         "mobilenet_mnist": (MobileNetV2, "mnist", 3e-3),
     }
+    nets.update(_modern_nets())
+    return nets
+
+
+# ----------------------------------------------------------------- modern torch nets
+
+class Emitter:
+    """Builds the udfc-ref graph of a module from its ``emit`` methods: one
+    node per op, tensors under their ``state_dict`` names (float32)."""
+
+    def __init__(self, module):
+        self.sd = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+        self.tensors: dict = {}
+        self.nodes: list = []
+
+    def node(self, name, op, inputs, attrs=None, params=None) -> str:
+        from udfc_ref import Node
+
+        for t in (params or {}).values():
+            self.tensors[t] = self.sd[t].astype(np.float32)
+        self.nodes.append(Node(name, op, list(inputs), name, dict(attrs or {}), dict(params or {})))
+        return name
+
+    def conv(self, prefix, m, x) -> str:
+        params = {"weight": f"{prefix}.weight"}
+        if m.bias is not None:
+            params["bias"] = f"{prefix}.bias"
+        p = m.padding
+        return self.node(prefix, "conv2d", [x], {"stride": list(m.stride), "padding": [p[0], p[0], p[1], p[1]],
+                                                 "dilation": list(m.dilation), "groups": m.groups}, params)
+
+    def bn(self, prefix, m, x) -> str:
+        return self.node(prefix, "batch_norm", [x], {"eps": float(m.eps)},
+                         {r: f"{prefix}.{r}" for r in ("weight", "bias", "running_mean", "running_var")})
+
+    def linear(self, prefix, m, x) -> str:
+        params = {"weight": f"{prefix}.weight"}
+        if m.bias is not None:
+            params["bias"] = f"{prefix}.bias"
+        return self.node(prefix, "linear", [x], {}, params)
+
+    def act(self, prefix, m, x) -> str:
+        from torch import nn
+
+        op = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid",
+              nn.Hardsigmoid: "hardsigmoid", nn.Identity: "identity"}[type(m)]
+        return self.node(prefix, op, [x])
+
+    def seq(self, prefix, seq, x) -> str:
+        """Conv2d / BatchNorm2d / activation modules of an ``nn.Sequential``."""
+        from torch import nn
+
+        for i, m in enumerate(seq):
+            name = f"{prefix}.{i}"
+            if isinstance(m, nn.Conv2d):
+                x = self.conv(name, m, x)
+            elif isinstance(m, nn.BatchNorm2d):
+                x = self.bn(name, m, x)
+            elif isinstance(m, nn.Linear):
+                x = self.linear(name, m, x)
+            elif isinstance(m, nn.Dropout):
+                continue
+            else:
+                x = self.act(name, m, x)
+        return x
+
+
+def export_modern(module, path, input_shape, seed: int = SEED):
+    """Write ``module.emit``'s graph to ``path`` after checking its NumPy
+    forward against the module's (relative difference <= 1e-5 on 16 random
+    inputs); returns the udfc-ref Model."""
+    import torch
+
+    from udfc_ref import Model, save
+
+    module.eval()
+    e = Emitter(module)
+    out = module.emit(e, "input")
+    model = Model(e.tensors, e.nodes, "input", tuple(input_shape), output_name=out)
+    x = np.random.default_rng(seed).standard_normal((16,) + tuple(input_shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    got = model.forward(x)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    if not err <= 1e-5:
+        raise RuntimeError(f"export of {type(module).__name__}: NumPy forward differs from PyTorch by {err:.3g}")
+    save(model, path)
+    return model
+
+
+def _modern_nets():
+    """EfficientNet- and MobileNetV3-style networks with ``emit(emitter, x)``."""
+    import torch
+    from torch import nn
+
+    def cba(cin, cout, k, stride, act, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                             act())
+
+    class SqueezeExcite(nn.Module):
+        """x * gate(excite(act(squeeze(mean_hw(x))))), 1x1 convs with bias."""
+
+        def __init__(self, c, squeeze, act, gate):
+            super().__init__()
+            self.squeeze = nn.Conv2d(c, squeeze, 1)
+            self.act = act()
+            self.excite = nn.Conv2d(squeeze, c, 1)
+            self.gate = gate()
+
+        def forward(self, x):
+            return x * self.gate(self.excite(self.act(self.squeeze(x.mean((2, 3), keepdim=True)))))
+
+        def emit(self, e, prefix, x):
+            g = e.node(f"{prefix}.gap", "global_avg_pool", [x], {"keepdims": True})
+            g = e.conv(f"{prefix}.squeeze", self.squeeze, g)
+            g = e.act(f"{prefix}.act", self.act, g)
+            g = e.conv(f"{prefix}.excite", self.excite, g)
+            g = e.act(f"{prefix}.gate", self.gate, g)
+            return e.node(f"{prefix}.mul", "mul", [x, g])
+
+    class MBConv(nn.Module):
+        """[1x1 expand -> BN -> act] -> depthwise kxk -> BN -> act -> [SE] -> 1x1 project -> BN [+ x]."""
+
+        def __init__(self, cin, cout, k, stride, hidden, squeeze, act, se_act, gate):
+            super().__init__()
+            self.expand = cba(cin, hidden, 1, 1, act) if hidden != cin else None
+            self.dw = cba(hidden, hidden, k, stride, act, groups=hidden)
+            self.se = SqueezeExcite(hidden, squeeze, se_act, gate) if squeeze else None
+            self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            y = x if self.expand is None else self.expand(x)
+            y = self.dw(y)
+            if self.se is not None:
+                y = self.se(y)
+            y = self.project(y)
+            return x + y if self.residual else y
+
+        def emit(self, e, prefix, x):
+            y = x if self.expand is None else e.seq(f"{prefix}.expand", self.expand, x)
+            y = e.seq(f"{prefix}.dw", self.dw, y)
+            if self.se is not None:
+                y = self.se.emit(e, f"{prefix}.se", y)
+            y = e.seq(f"{prefix}.project", self.project, y)
+            return e.node(f"{prefix}.add", "add", [x, y]) if self.residual else y
+
+    class Net(nn.Module):
+        """stem -> MBConv blocks -> 1x1 head conv -> global pool -> classifier."""
+
+        def __init__(self, stem, blocks, head, act, classifier):
+            super().__init__()
+            self.stem = cba(1, stem, 3, 2, act)
+            self.blocks = nn.Sequential(*blocks)
+            self.head = cba(blocks[-1].project[0].out_channels, head, 1, 1, act)
+            self.classifier = classifier
+
+        def forward(self, x):
+            x = self.head(self.blocks(self.stem(x)))
+            return self.classifier(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+
+        def emit(self, e, x):
+            x = e.seq("stem", self.stem, x)
+            for i, b in enumerate(self.blocks):
+                x = b.emit(e, f"blocks.{i}", x)
+            x = e.seq("head", self.head, x)
+            x = e.node("pool", "global_avg_pool", [x], {"keepdims": False})
+            return e.seq("classifier", self.classifier, x)
+
+    def efficientnet():
+        """EfficientNet-B0-like, scaled to 28x28 digits: SiLU everywhere, SE on every block
+        (squeeze = block input / 4, SiLU, sigmoid gate), expand ratio 6 after the first block."""
+        A, S, G = nn.SiLU, nn.SiLU, nn.Sigmoid
+        blocks = [MBConv(16, 16, 3, 1, 16, 4, A, S, G),     # 14x14, no expand, residual
+                  MBConv(16, 24, 3, 2, 96, 4, A, S, G),     # -> 7x7
+                  MBConv(24, 24, 3, 1, 144, 6, A, S, G),    # residual
+                  MBConv(24, 40, 5, 2, 144, 6, A, S, G)]    # -> 4x4
+        return Net(16, blocks, 128, A, nn.Sequential(nn.Dropout(0.2), nn.Linear(128, 10)))
+
+    def mobilenetv3():
+        """MobileNetV3-Small-like, scaled to 28x28 digits: Hardswish stem/head, ReLU then Hardswish
+        bottlenecks, SE (squeeze = hidden / 4 rounded to 8, ReLU, hard-sigmoid gate) on some blocks,
+        classifier linear -> Hardswish -> dropout -> linear."""
+        R, H, G = nn.ReLU, nn.Hardswish, nn.Hardsigmoid
+        blocks = [MBConv(16, 16, 3, 2, 16, 8, R, R, G),     # -> 7x7, SE, no expand
+                  MBConv(16, 24, 3, 1, 72, 0, R, R, G),
+                  MBConv(24, 24, 3, 1, 88, 0, R, R, G),     # residual
+                  MBConv(24, 40, 5, 2, 96, 24, H, R, G),    # -> 4x4, SE
+                  MBConv(40, 40, 5, 1, 120, 32, H, R, G)]   # residual, SE
+        return Net(16, blocks, 144, H, nn.Sequential(nn.Linear(144, 128), nn.Hardswish(), nn.Dropout(0.2),
+                                                     nn.Linear(128, 10)))
+
+    return {"efficientnet_mnist": (efficientnet, "mnist", 3e-3), "mobilenetv3_mnist": (mobilenetv3, "mnist", 3e-3)}
 
 
 def _recalibrate_bn(model, x, batch=500):
@@ -414,6 +620,9 @@ def main(argv=None) -> int:
             import converters.keras as ck
 
             ck.export(kpath, path)
+        elif name in MODERN:
+            module, meta = train_torch(name, data, epochs)
+            export_modern(module, path, data[2].shape[1:])
         else:
             module, meta = train_torch(name, data, epochs)
             import converters.torch as ct
@@ -422,6 +631,7 @@ def main(argv=None) -> int:
         m = load(path)
         meta["test_top1_udfc_ref"] = top1(m, data[2], data[3])
         meta["data"] = dname
+        meta["threads"] = a.threads
         meta["file_bytes"] = os.path.getsize(path)
         meta["udfc_params"] = m.param_count()
         meta["macs"] = m.flops()

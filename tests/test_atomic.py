@@ -240,3 +240,136 @@ def test_replaced_output_keeps_its_mode(tmp_path):
     os.chmod(p, 0o640)
     write_bytes_atomic(p, b"new")
     assert p.read_bytes() == b"new" and os.stat(p).st_mode & 0o777 == 0o640
+
+
+# ------------------------------------------------- issue 9: signals, odd files
+
+def _mkstemp_then_signal(sig):
+    """A mkstemp that creates its file and then sends ``sig`` to this process:
+    the moment a signal used to strand a temp file."""
+    import signal
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        fd, name = real(*a, **k)
+        os.kill(os.getpid(), getattr(signal, sig))
+        return fd, name
+
+    return mkstemp
+
+
+@pytest.fixture
+def sigterm_raises():
+    """SIGTERM raises like the CLI's handler does (``udfc_ref.cli.Terminated``)."""
+    import signal
+
+    from udfc_ref.cli import Terminated, _raise_terminated
+
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    yield Terminated
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_sigint_inside_the_writability_probe_leaves_no_probe_file(tmp_path, monkeypatch):
+    """SIGINT between mkstemp and unlink used to leave .udfc-probe.XXXX.tmp."""
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", _mkstemp_then_signal("SIGINT"))
+    with pytest.raises(KeyboardInterrupt):
+        check_output_path(tmp_path / "o.safetensors")
+    assert listing(tmp_path) == []
+
+
+def test_sigterm_inside_the_writability_probe_leaves_no_probe_file(tmp_path, monkeypatch, sigterm_raises):
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", _mkstemp_then_signal("SIGTERM"))
+    with pytest.raises(sigterm_raises):
+        check_output_path(tmp_path / "o.safetensors")
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_right_after_the_temp_file_is_created(tmp_path, monkeypatch, sigterm_raises, sig):
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", _mkstemp_then_signal(sig))
+    with pytest.raises((KeyboardInterrupt, sigterm_raises)):
+        write_bytes_atomic(out, b"new")
+    assert listing(tmp_path) == ["out.bin"] and out.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_writing(tmp_path, monkeypatch, sigterm_raises, sig):
+    import signal
+
+    out = tmp_path / "out.safetensors"
+
+    class Chunk:
+        """A buffer whose write is interrupted by a signal (as when a user hits Ctrl-C mid-write)."""
+
+        def __buffer__(self, flags):
+            os.kill(os.getpid(), getattr(signal, sig))
+            return memoryview(b"xyz")
+
+    def write_then_signal(model):
+        return [b"head", np.frombuffer(b"abc", np.uint8)] + [Chunk()]
+
+    monkeypatch.setattr(udfc_ref.io, "_chunks", write_then_signal)
+    with pytest.raises((KeyboardInterrupt, sigterm_raises, TypeError)):
+        udfc_ref.save(vgg(), out)
+    assert listing(tmp_path) == []
+
+
+def test_verify_failure_writes_nothing(tmp_path):
+    out = tmp_path / "o.bin"
+    out.write_bytes(b"previous")
+
+    def reject(tmp):
+        assert os.path.getsize(tmp) == 3  # the complete temp file is what is checked
+        raise UDFCError("does not read back")
+
+    with pytest.raises(UDFCError, match="does not read back"):
+        write_bytes_atomic(out, b"new", verify=reject)
+    assert out.read_bytes() == b"previous" and listing(tmp_path) == ["o.bin"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_output_is_refused(tmp_path):
+    f = tmp_path / "out.safetensors"
+    os.mkfifo(f)
+    with pytest.raises(OptionError, match="FIFO"):
+        udfc_ref.save(vgg(), f)
+    assert listing(tmp_path) == ["out.safetensors"]
+
+
+def test_device_output_is_refused():
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    with pytest.raises(OptionError, match="character device"):
+        udfc_ref.save(vgg(), "/dev/null")
+    import stat
+
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_open_input_refuses_what_check_input_file_missed(tmp_path, monkeypatch):
+    """A path swapped for a FIFO after the check is still refused, and the
+    open does not block."""
+    from udfc_ref import FormatError
+
+    f = tmp_path / "in.bin"
+    os.mkfifo(f)
+    monkeypatch.setattr(atomic, "check_input_file", lambda p, what="input": os.fspath(p))
+    with pytest.raises(FormatError, match="FIFO"):
+        atomic.open_input(f)
+
+
+def test_check_input_file_messages(tmp_path):
+    from udfc_ref import FormatError
+
+    with pytest.raises(FormatError, match="no such file"):
+        atomic.check_input_file(tmp_path / "nope")
+    with pytest.raises(FormatError, match="directory"):
+        atomic.check_input_file(tmp_path)
+    with pytest.raises(FormatError, match="not a file path"):
+        atomic.check_input_file(None)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
 import udfc_ref
@@ -343,8 +346,8 @@ def graph_case(tmp_path, edit, model=None):
 
 
 def test_unknown_op(tmp_path):
-    p = graph_case(tmp_path, lambda t, g: node(g, "a1").update(op="gelu"))
-    expect(p, GraphError, "'a1'", "unknown op 'gelu'")
+    p = graph_case(tmp_path, lambda t, g: node(g, "a1").update(op="swishy"))
+    expect(p, GraphError, "'a1'", "unknown op 'swishy'")
 
 
 def test_dangling_input(tmp_path):
@@ -561,7 +564,7 @@ def _cli_bad_files(tmp_path):
     p = tmp_path / "trunc.safetensors"
     p.write_bytes(to_bytes(vgg())[:500])
     files["trunc"] = p
-    node(g, "a1")["op"] = "gelu"
+    node(g, "a1")["op"] = "swishy"
     files["graph"] = write(tmp_path, t, meta, g, "graph.safetensors")
     t2 = dict(t)
     t2["b0.running_var"] = -t["b0.running_var"]
@@ -590,7 +593,7 @@ def test_cli_debug_shows_traceback(tmp_path, capsys):
     p = _cli_bad_files(tmp_path)["graph"]
     assert main(["--debug", "info", str(p)]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" in err and "GraphError" in err and "unknown op 'gelu'" in err
+    assert "Traceback" in err and "GraphError" in err and "unknown op 'swishy'" in err
 
 
 def test_cli_refuses_output_equal_to_input(tmp_path, capsys):
@@ -647,3 +650,204 @@ def test_unknown_flat_attribute_is_kept(tmp_path):
     m = udfc_ref.load(p)
     assert m.node("c0").attrs["note"] == "from keras"
     assert udfc_ref.load(p).copy().node("c0").attrs["ceil"] == [1, 2]
+
+
+# ------------------------------------------------- issue 9: header limits
+
+def raw_header_file(tmp_path, edit, name="h.safetensors"):
+    """The good vgg file with its JSON header replaced by ``edit(header_text)`` (text in, text out)."""
+    data = to_bytes(vgg())
+    (n,) = struct.unpack("<Q", data[:8])
+    text = edit(data[8:8 + n].decode())
+    hb = text.encode()
+    hb += b" " * (-len(hb) % 8)
+    p = tmp_path / name
+    p.write_bytes(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+    return p
+
+
+def with_extra_tensor(entry):
+    def edit(text):
+        h = json.loads(text)
+        h["extra"] = entry
+        return json.dumps(h)
+    return edit
+
+
+@pytest.mark.parametrize("shape,words", [
+    ([2**62, 2**62, 0], ["larger than any array"]),
+    ([2**64, 0], ["larger than any array"]),
+    ([0, 2**63], ["larger than any array"]),
+    ([1] * 71, ["71 dimensions", "at most 32"]),
+    ([1] * 70 + [0], ["71 dimensions"]),
+])
+def test_impossible_shapes_are_format_errors(tmp_path, shape, words):
+    p = raw_header_file(tmp_path, with_extra_tensor({"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}))
+    expect(p, FormatError, "'extra'", *words)
+
+
+@given(st.lists(st.one_of(st.integers(0, 3), st.integers(0, 2**70)), max_size=40),
+       st.sampled_from(["F32", "F16", "U8", "BF16", "I64"]), st.integers(0, 64))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_declared_shape_is_loaded_or_a_format_error(tmp_path, shape, dtype, nbytes):
+    """An unused tensor entry with any shape/dtype/byte count: the model loads
+    (entry consistent: warned and dropped) or one FormatError; never a
+    ValueError/MemoryError from NumPy."""
+    p = raw_header_file(tmp_path, with_extra_tensor({"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            m = udfc_ref.load(p)
+        except FormatError as e:
+            assert "\n" not in str(e)
+        else:
+            assert "extra" not in m.tensors
+
+
+@pytest.mark.parametrize("edit,word", [
+    # the same tensor twice (the second entry would silently win)
+    (lambda t: t[:-1] + ',"fc.bias":{"dtype":"F32","shape":[5],"data_offsets":[0,20]}}', "'fc.bias' twice"),
+    # a key twice inside one tensor entry
+    (lambda t: t.replace('"dtype":"F32"', '"dtype":"F32","dtype":"F64"', 1), "'dtype' twice"),
+    # a metadata field twice
+    (lambda t: t.replace('"format":"udfc-ref"', '"format":"udfc-ref","format":"pt"'), "'format' twice"),
+])
+def test_duplicate_keys_in_the_header_are_refused(tmp_path, edit, word):
+    text = json.loads(to_bytes(vgg())[8:8 + struct.unpack("<Q", to_bytes(vgg())[:8])[0]])
+    assert text  # the header parses
+    expect(raw_header_file(tmp_path, lambda t: edit(t.rstrip())), FormatError, word)
+
+
+def test_duplicate_keys_inside_the_graph_json_are_refused(tmp_path):
+    t, meta, g = parts()
+    meta["graph"] = json.dumps(g).replace('"op": "relu"', '"op": "relu", "op": "identity"', 1)
+    expect(write(tmp_path, t, meta), FormatError, "'graph'", "'op' twice")
+
+
+def test_metadata_values_must_be_strings(tmp_path):
+    def edit(text):
+        h = json.loads(text)
+        h["__metadata__"]["graph"] = json.loads(h["__metadata__"]["graph"])  # a list, not a JSON string
+        return json.dumps(h)
+    expect(raw_header_file(tmp_path, edit), FormatError, "'graph'", "not a string")
+
+
+def test_header_above_the_safetensors_limit(tmp_path, monkeypatch):
+    # the real limit is 100,000,000 bytes (safetensors' MAX_HEADER_SIZE); a small one stands in for it
+    monkeypatch.setattr(udfc_ref.io, "MAX_HEADER", 1000)
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(to_bytes(vgg()))
+    expect(p, FormatError, "exceeds the format's limit of 1,000 bytes")
+    assert udfc_ref.io.MAX_HEADER == 1000 and len(p.read_bytes()) > 1000
+
+
+def test_the_header_limit_is_the_safetensors_one():
+    assert udfc_ref.io.MAX_HEADER == 100_000_000
+
+
+def test_many_tensors_are_refused_while_parsing(tmp_path):
+    """The issue's 83 MB header of 1.4 M empty tensors took 27 s and 1.8 GB;
+    parsing now stops after MAX_TENSORS (100,000) entries.  150,000 entries
+    here (9 MB); tracemalloc shows the parse never held them all."""
+    import tracemalloc
+
+    def edit(text):
+        body = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(150_000))
+        return text.rstrip()[:-1] + "," + body + "}"
+
+    p = raw_header_file(tmp_path, edit)
+    tracemalloc.start()
+    try:
+        expect(p, FormatError, "more than 100,000 tensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 150,000 parsed entries cost ~90 MB of Python objects; refusing at 100,000 stays well below
+    # (the two 9 MB copies of the header text plus 100,000 entries)
+    assert peak < 85e6, peak
+
+
+def test_unused_tensors_of_a_failing_file_give_no_warning(tmp_path):
+    t, meta, g = parts()
+    t["unused.weight"] = np.ones(4, np.float32)
+    node(g, "a1")["op"] = "frobnicate"
+    p = write(tmp_path, t, meta, g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expect(p, GraphError, "frobnicate")
+    assert caught == []
+
+
+@pytest.mark.parametrize("record,words", [
+    ({"layers": 5}, ["'layers'", "got int"]),
+    ({"layers": {"c0": 3}}, ["layers['c0']", "got int"]),
+    ({"layers": {"c0": {"kept": "0,1"}}}, ["layers['c0']['kept']", "list of ints"]),
+    ({"layers": {"c0": {"channels_after": 2.5}}}, ["'channels_after'"]),
+    ({"quantized": []}, ["'quantized'"]),
+    ({"quantized": {"c0": {"bits": "4"}}}, ["quantized['c0']['bits']"]),
+    ({"method": 3}, ["'method'"]),
+    ({"prune_ratio": "0.3"}, ["'prune_ratio'"]),
+    ({"weight_bits": 4.0}, ["'weight_bits'"]),
+    ({"per_tensor": "no"}, ["'per_tensor'"]),
+    ({"skip": "c0"}, ["'skip'"]),
+    ({"unpruned": {"c0": 1}}, ["'unpruned'"]),
+])
+def test_compression_record_schema(tmp_path, record, words):
+    t, meta, _ = parts()
+    meta["compression"] = json.dumps(record)
+    expect(write(tmp_path, t, meta), FormatError, "'compression'", *words)
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(allow_nan=False), st.text(max_size=4))
+json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                          st.dictionaries(st.text(max_size=4), c, max_size=3)),
+                          max_leaves=8)
+record_key = st.sampled_from(["method", "prune_ratio", "weight_bits", "layers", "quantized", "unpruned", "skip",
+                              "min_keep", "per_tensor", "other"])
+
+
+@given(st.dictionaries(record_key, st.one_of(json_value, st.dictionaries(st.sampled_from(["c0", "c1"]),
+                                                                         json_value, max_size=2)), max_size=4))
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_record_loads_and_prints_or_is_a_format_error(tmp_path, capsys, record):
+    """Whatever the record holds, ``udfc info`` prints it (exit 0) or says in
+    one line what is wrong with it (exit 1)."""
+    from udfc_ref.cli import main
+
+    t, meta, _ = parts()
+    meta["compression"] = json.dumps(record)
+    p = write(tmp_path, t, meta)
+    code = main(["info", str(p)])
+    err = capsys.readouterr().err
+    assert code in (0, 1)
+    if code == 1:
+        assert err.startswith("udfc: error: ") and err.count("\n") == 1 and "'compression'" in err, err
+    else:
+        assert err == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    f = tmp_path / "m.safetensors"
+    os.mkfifo(f)  # opening it for reading would block forever: nothing writes to it
+    expect(f, FormatError, "not a regular file", "FIFO")
+
+
+def test_save_refuses_nan_and_writes_nothing(tmp_path):
+    m = vgg()
+    m.tensors["c1.weight"] = m.tensors["c1.weight"].copy()
+    m.tensors["c1.weight"].flat[3] = np.inf
+    with pytest.raises(NumericError, match="'c1.weight'"):
+        udfc_ref.save(m, tmp_path / "o.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_writes_nothing_the_reader_refuses(tmp_path, monkeypatch):
+    """The complete temp file is loaded back before the rename; a file the
+    reader would refuse is never written (here: a reader made stricter)."""
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(udfc_ref.io, "MAX_TENSORS", 3)
+    with pytest.raises(FormatError, match="would not load back.*more than 3 tensors"):
+        udfc_ref.save(vgg(), out)
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["o.safetensors"]

@@ -21,7 +21,7 @@ NET = textwrap.dedent("""
 """)
 
 
-def test_torch_weights_in_torchscript_out(tmp_path, capsys):
+def test_torch_weights_in_pt2_out(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from converters.torch import load_module_spec, to_udfc
 
@@ -36,18 +36,18 @@ def test_torch_weights_in_torchscript_out(tmp_path, capsys):
             mod.bias.data.uniform_(-0.5, 0.5)
     weights = tmp_path / "w.pth"
     torch.save(net.state_dict(), weights)
-    out = tmp_path / "small.pt"
+    out = tmp_path / "small.pt2"
     args = ["--prune-ratio", "0.3", "--weight-bits", "6"]
     assert main(["compress", str(weights), str(out), "--torch-module", spec, "--input-shape", "3,8,8"] + args) == 0
     capsys.readouterr()
-    ts = torch.jit.load(str(out))
+    prog = torch.export.load(str(out)).module()
     ref, _ = compress(to_udfc(net.eval(), (3, 8, 8)), prune_ratio=0.3, weight_bits=6)
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
-        y = ts(torch.from_numpy(x)).numpy()
+        y = prog(torch.from_numpy(x)).numpy()
     y_ref = ref.forward(x)
     assert np.abs(y - y_ref).max() <= 1e-4 * np.abs(y_ref).max()
-    assert sum(p.numel() for p in ts.parameters()) < sum(p.numel() for p in net.parameters())
+    assert sum(p.numel() for p in prog.parameters()) < sum(p.numel() for p in net.parameters())
     # a .pth without its module is a clear error
     assert main(["compress", str(weights), str(tmp_path / "o.safetensors")]) == 1
     assert "--torch-module" in capsys.readouterr().err

@@ -94,7 +94,8 @@ def test_hostile_names_never_run_and_round_trip(tmp_path):
         np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), m.forward(x), rtol=1e-4, atol=1e-5)
 
     pt = tmp_path / "evil.pt"
-    ct.save_torchscript(src, pt)
+    with pytest.warns(DeprecationWarning, match="save_pt2"):
+        ct.save_torchscript(src, pt)
     extra = {ct.NAMES_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -106,9 +107,21 @@ def test_hostile_names_never_run_and_round_trip(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(sm(torch.from_numpy(x)).numpy(), m.forward(x), rtol=1e-4, atol=1e-5)
 
-    # the CLI paths that write TorchScript: export and compress
+    # the torch.export program (.pt2): safe names in the program, the originals as data in its extra file
+    pt2 = tmp_path / "evil.pt2"
+    ct.save_pt2(src, pt2)
+    extra = {ct.NAMES_FILE: ""}
+    prog = torch.export.load(str(pt2), extra_files=extra)
+    names2 = json.loads(extra[ct.NAMES_FILE])
+    assert names2 == names
+    for k in prog.state_dict:
+        assert SAFE_PATH.match(k), k
+    with torch.no_grad():
+        np.testing.assert_allclose(prog.module()(torch.from_numpy(x)).numpy(), m.forward(x), rtol=1e-4, atol=1e-5)
+
+    # the CLI paths that write PyTorch files: export and compress
     from udfc_ref.cli import main
 
-    assert main(["export", "torch", str(src), str(tmp_path / "e.pt")]) == 0
-    assert main(["compress", str(src), str(tmp_path / "c.pt"), "--prune-ratio", "0.3", "--weight-bits", "6"]) == 0
+    assert main(["export", "torch", str(src), str(tmp_path / "e.pt2")]) == 0
+    assert main(["compress", str(src), str(tmp_path / "c.pt2"), "--prune-ratio", "0.3", "--weight-bits", "6"]) == 0
     assert not os.path.exists(canary), "a name from the file ran as code"

@@ -20,7 +20,6 @@ from udfc_ref.errors import ConversionError, FormatError, OptionError  # noqa: E
 
 import families  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
 RTOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,51 +125,117 @@ def test_view_size_and_dataparallel_prefix():
 
 # ---------------------------------------------------------------- errors
 
-class WithSigmoid(nn.Module):
+class WithSin(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return torch.sigmoid(self.conv(x)).mean((2, 3))
+        y = self.conv(x)
+        return torch.sin(y).mean((2, 3))  # SIN-LINE: not an op the IR has
 
 
-class WithGELU(nn.Module):
+class WithGroupNorm(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4))
 
     def forward(self, x):
         return self.body(x).mean((2, 3))
 
 
-def test_unsupported_function_names_the_node():
-    with pytest.raises(ConversionError, match=r"fx node 'sigmoid'.*sigmoid"):
-        ct.to_udfc(WithSigmoid(), (3, 8, 8))
+def _line_of(marker):
+    src = open(__file__).read().splitlines()
+    return next(i + 1 for i, line in enumerate(src) if marker in line and "def " not in line)
+
+
+def test_unsupported_op_names_the_op_and_source_line():
+    with pytest.raises(ConversionError) as ei:
+        ct.to_udfc(WithSin(), (3, 8, 8))
+    msg = str(ei.value)
+    assert "aten.sin.default" in msg and "not supported" in msg
+    assert f"test_torch_converter.py:{_line_of('SIN-LINE')}" in msg and "torch.sin(y)" in msg
+    assert "\n" not in msg  # one line
+    # the model's whole source stack is the cause (printed by udfc --debug)
+    assert "test_torch_converter.py" in str(ei.value.__cause__)
 
 
 def test_unsupported_module_names_the_path():
-    with pytest.raises(ConversionError, match=r"body\.1.*GELU"):
-        ct.to_udfc(WithGELU(), (3, 8, 8))
+    with pytest.raises(ConversionError, match=r"aten\.group_norm\.default from module 'body\.1' \(GroupNorm\)"):
+        ct.to_udfc(WithGroupNorm(), (3, 8, 8))
+
+
+def test_debug_traceback_reaches_the_model_source(tmp_path, capsys):
+    from udfc_ref.cli import main
+
+    (tmp_path / "sinnet.py").write_text("import torch\n\n"
+                                        "class Net(torch.nn.Module):\n"
+                                        "    def __init__(self):\n"
+                                        "        super().__init__()\n"
+                                        "        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n"
+                                        "    def forward(self, x):\n"
+                                        "        return torch.sin(self.conv(x))\n")
+    args = ["import", "torch", str(tmp_path / "o.safetensors"), "--module", f"{tmp_path / 'sinnet.py'}:Net",
+            "--input-shape", "3,8,8"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("udfc: error: aten.sin.default") and "sinnet.py:9" in err
+    assert main(["--debug"] + args) == 1
+    err = capsys.readouterr().err
+    assert 'sinnet.py", line 9, in forward' in err and "return torch.sin(self.conv(x))" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_capture_failure_is_one_line_naming_the_model_line(tmp_path, capsys):
+    from udfc_ref.cli import main
+
+    (tmp_path / "ddnet.py").write_text("import torch\n\n"
+                                       "class Net(torch.nn.Module):\n"
+                                       "    def __init__(self):\n"
+                                       "        super().__init__()\n"
+                                       "        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n"
+                                       "    def forward(self, x):\n"
+                                       "        y = self.conv(x)\n"
+                                       "        if y.sum() > 0:  # data-dependent control flow\n"
+                                       "            return y.relu()\n"
+                                       "        return y\n")
+    args = ["import", "torch", str(tmp_path / "o.safetensors"), "--module", f"{tmp_path / 'ddnet.py'}:Net",
+            "--input-shape", "3,8,8"]
+    assert main(args) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1  # no torch log or graph dump around it
+    assert cap.err.startswith("udfc: error: torch.export cannot capture Net")
+    assert "ddnet.py:10 `if y.sum() > 0:" in cap.err
+    assert main(["--debug"] + args) == 1
+    assert 'ddnet.py", line 10, in forward' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layer, msg", [
-    (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+    (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "reflect"),
     (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
     (nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
-    (nn.Hardtanh(-1.0, 1.0), "Hardtanh"),
+    (nn.Hardtanh(-1.0, 1.0), r"Hardtanh.*clamping to \[-1.0, 1.0\]"),
     (nn.BatchNorm2d(3, track_running_stats=False), "running statistics"),
+    (nn.Upsample(scale_factor=2), "upsample"),
 ])
 def test_unsupported_settings(layer, msg):
     net = nn.Sequential(nn.Conv2d(3, 3, 1), layer, nn.Flatten())
     with pytest.raises(ConversionError, match=msg):
-        ct.to_udfc(net, (3, 8, 8))
+        ct.to_udfc(net, (3, 9, 9))
+
+
+def test_ceil_mode_that_changes_nothing_is_accepted():
+    net = families.randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()), 0)
+    model = ct.to_udfc(net, (3, 8, 8))
+    assert model.shapes[model.output_name] == (3 * 4 * 4,)
 
 
 def test_mis_mapping_is_caught(monkeypatch):
     """The post-conversion forward check rejects a silently wrong mapping."""
+    from converters import torch_ops
+
     net = families.randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), 0)
-    monkeypatch.setattr(ct, "_conv_padding", lambda *a: [1, 1, 1, 1])  # wrong padding ...
+    monkeypatch.setattr(torch_ops, "_conv_padding", lambda *a: [1, 1, 1, 1])  # wrong padding ...
     net2 = families.randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten()), 0)
     ct.to_udfc(net2, (3, 8, 8))  # ... is right for this one
     with pytest.raises(ConversionError, match="differ"):
@@ -255,7 +320,26 @@ def test_load_module_spec(tmp_path):
 def _cli(argv):
     from udfc_ref.cli import main
 
-    return main([str(a) for a in argv])
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors exit 2
+        return e.code
+
+
+def _run_without_udfc(tmp_path, pt2, x):
+    """Run a .pt2 in a fresh interpreter where udfc_ref and converters cannot
+    be imported: plain torch.export.load."""
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    code = ("import sys; sys.modules['udfc_ref'] = None; sys.modules['converters'] = None\n"
+            "import numpy as np, torch\n"
+            f"m = torch.export.load({str(pt2)!r}).module()\n"
+            f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
+            "with torch.no_grad():\n"
+            f"    np.save({str(tmp_path / 'y.npy')!r}, m(x).numpy())\n")
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:torch", "-c", code], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return np.load(tmp_path / "y.npy")
 
 
 def test_cli_import_and_export_torch(tmp_path, capsys):
@@ -269,19 +353,55 @@ def test_cli_import_and_export_torch(tmp_path, capsys):
     assert _cli(["import", "torch", out, "--module", spec, "--weights", w, "--input-shape", "3,64,64"]) == 0
     x = families.example_input()
     assert rel_err(udfc_ref.load(out).forward(x.numpy()), run(net, x)) <= RTOL
-    pt = tmp_path / "m.pt"
+    pt2 = tmp_path / "m.pt2"
     before = out.read_bytes()
-    assert _cli(["export", "torch", out, pt]) == 0
+    assert _cli(["export", "torch", out, pt2]) == 0
     assert out.read_bytes() == before
-    # plain torch.jit.load, with udfc-ref and the converters unimportable
-    np.save(tmp_path / "x.npy", x.numpy())
-    code = ("import sys; sys.modules['udfc_ref'] = None; sys.modules['converters'] = None\n"
-            "import numpy as np, torch\n"
-            f"m = torch.jit.load({str(pt)!r}); x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
-            f"np.save({str(tmp_path / 'y.npy')!r}, m(x).detach().numpy())\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert rel_err(np.load(tmp_path / "y.npy"), run(net, x)) <= RTOL
+    # plain torch.export.load, with udfc-ref and the converters unimportable; any batch size
+    x5 = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert rel_err(_run_without_udfc(tmp_path, pt2, x5.numpy()), run(net, x5)) <= RTOL
+
+
+def test_cli_refuses_torchscript_output_and_pt2_input(tmp_path, capsys):
+    net = families.build("vgg_bn")
+    f = tmp_path / "m.safetensors"
+    ct.export(net, f, families.INPUT_SHAPE)
+    for argv, code in ((["export", "torch", f, tmp_path / "m.pt"], 1),
+                       (["compress", f, tmp_path / "m.pt", "--prune-ratio", "0.3"], 2),  # a usage error
+                       (["compress", f, tmp_path / "m.pth"], 2)):
+        assert _cli(argv) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "TorchScript" in err and ".pt2" in err
+    assert not list(tmp_path.glob("m.pt*"))
+    assert _cli(["export", "torch", f, tmp_path / "m.onnx"]) == 1
+    assert ".pt2" in capsys.readouterr().err
+    pt2 = tmp_path / "m.pt2"
+    ct.save_pt2(f, pt2)
+    for argv in (["info", pt2], ["compress", pt2, tmp_path / "o.safetensors"]):
+        assert _cli(argv) == 1
+        assert "pickle" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_module_from_current_directory(tmp_path, monkeypatch):
+    """--module pkg.mod:attr finds a package in the current directory, as
+    python -m does, also when sys.path does not hold the current directory
+    (the installed console script's sys.path)."""
+    pkg = tmp_path / "udfc_test_nets"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "small.py").write_text("import torch.nn as nn\n"
+                                  "def Net():\n"
+                                  "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    for m in [m for m in sys.modules if m.startswith("udfc_test_nets")]:
+        monkeypatch.delitem(sys.modules, m)
+    path_before = list(sys.path)
+    assert _cli(["import", "torch", "o.safetensors", "--module", "udfc_test_nets.small:Net",
+                 "--input-shape", "3,8,8"]) == 0
+    assert udfc_ref.load(tmp_path / "o.safetensors").shapes["input"] == (3, 8, 8)
+    assert sys.path == path_before  # the current directory was on sys.path for that import only
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -295,17 +415,40 @@ def test_cli_errors(tmp_path, capsys):
     assert _cli(["import", "torch", tmp_path / "o.safetensors", "--module", "nope_udfc_mod:X",
                  "--input-shape", "3,64,64"]) == 1
     assert "nope_udfc_mod" in capsys.readouterr().err
-    assert _cli(["import", "torch", tmp_path / "o.safetensors", "--module", "families:WithGELU",
+    assert _cli(["import", "torch", tmp_path / "o.safetensors", "--module", "families:VGGBN",
                  "--input-shape", "3,8"]) == 1
     assert "C,H,W" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_cli_help_mentions_examples(capsys):
-    with pytest.raises(SystemExit):
-        _cli(["import", "torch", "--help"])
+    assert _cli(["import", "torch", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--input-shape" in out and "udfc import torch" in out
+    assert "--input-shape" in out and "udfc import torch" in out and "torch.export" in out
+
+
+def test_every_converter_option_has_help():
+    import argparse
+
+    from udfc_ref.cli import build_parser
+
+    def walk(parser, path):
+        for act in parser._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in act._choices_actions}
+                for name, sub in act.choices.items():
+                    assert helps.get(name), f"subcommand {' '.join(path + [name])} has no help"
+                    yield from walk(sub, path + [name])
+            elif not isinstance(act, argparse._HelpAction):
+                yield path, act
+
+    sub = {a.dest: a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)}["command"]
+    n = 0
+    for cmd in ("import", "export"):
+        for path, act in walk(sub.choices[cmd], [cmd]):
+            assert act.help, f"option {act.option_strings or act.dest} of {' '.join(path)} has no help"
+            n += 1
+    assert n >= 8
 
 
 # ------------------------------------------------------------- compressed
@@ -327,11 +470,27 @@ def test_compressed_round_trip(family, tmp_path):
     assert set(sd) == {t for n in small.nodes for t in n.params.values()}
     for k, v in sd.items():  # the dequantized floats of the file
         assert np.array_equal(v.numpy(), small.tensors[k]), k
-    # TorchScript of the compressed file
-    pt = tmp_path / "small.pt"
-    ct.save_torchscript(path, pt)
+    # the torch.export program of the compressed file
+    pt2 = tmp_path / "small.pt2"
+    ct.save_pt2(path, pt2)
+    prog = torch.export.load(str(pt2))
     with torch.no_grad():
-        assert rel_err(torch.jit.load(str(pt))(x).numpy(), ref) <= RTOL
+        assert rel_err(prog.module()(x).numpy(), ref) <= RTOL
+    assert set(prog.state_dict) >= set(sd)
+
+
+def test_torchscript_is_deprecated_but_still_works(tmp_path):
+    model = ct.to_udfc(families.build("vgg_bn", seed=1), families.INPUT_SHAPE)
+    with pytest.warns(DeprecationWarning, match="save_pt2"):
+        ct.save_torchscript(model, tmp_path / "m.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ts = torch.jit.load(str(tmp_path / "m.pt"))
+    x = families.example_input()
+    with torch.no_grad():
+        assert rel_err(ts(x).numpy(), model.forward(x.numpy())) <= RTOL
 
 
 def test_float64_module_and_training_flag_restored():

@@ -148,3 +148,72 @@ def test_asymmetric_padding_to_module(tmp_path):
     again = ct.to_udfc(back, (3, 9, 7))
     assert again.node("conv").attrs["padding"] == [0, 1, 2, 0]  # F.pad folded back into the conv
     assert rel_err(again.forward(x), model.forward(x)) <= RTOL
+
+
+def _every_op_model():
+    """A hand-written IR graph using every op of udfc_ref.ops.OPS (layer
+    norm over the channel axis of an NCHW value, softmax over a middle axis,
+    asymmetric pads and pools, channels-last linear)."""
+    rng = np.random.default_rng(4)
+
+    def t(*shape, scale=0.5):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tensors = {"c1.weight": t(8, 3, 3, 3), "c1.bias": t(8), "bn.weight": t(8) + 1, "bn.bias": t(8),
+               "bn.running_mean": t(8), "bn.running_var": np.abs(t(8)) + 0.5, "aff.weight": t(8) + 1,
+               "aff.bias": t(8), "ln.weight": t(8) + 1, "ln.bias": t(8), "fc1.weight": t(12, 16), "fc1.bias": t(12),
+               "bn1d.weight": t(12) + 1, "bn1d.bias": t(12), "bn1d.running_mean": t(12),
+               "bn1d.running_var": np.abs(t(12)) + 0.5, "head.weight": t(5, 12), "head.bias": t(5)}
+    bn = {r: f"bn.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
+    bn1d = {r: f"bn1d.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
+    N = Node
+    nodes = [
+        N("c1", "conv2d", ["x"], "c1", {"padding": [1, 1, 1, 1]}, {"weight": "c1.weight", "bias": "c1.bias"}),
+        N("bn", "batch_norm", ["c1"], "bn", {}, bn),
+        N("r6", "relu6", ["bn"], "r6"),
+        N("aff", "affine", ["r6"], "aff", {"axis": 1}, {"weight": "aff.weight", "bias": "aff.bias"}),
+        N("ln", "layer_norm", ["aff"], "ln", {"axis": 1, "eps": 1e-3}, {"weight": "ln.weight", "bias": "ln.bias"}),
+        N("silu", "silu", ["ln"], "silu"),
+        N("hsw", "hardswish", ["ln"], "hsw"),
+        N("sum", "add", ["silu", "hsw"], "sum"),
+        N("gap", "global_avg_pool", ["sum"], "gap", {"keepdims": True}),
+        N("sig", "sigmoid", ["gap"], "sig"),
+        N("gate", "mul", ["sum", "sig"], "gate"),
+        N("hsig", "hardsigmoid", ["gate"], "hsig"),
+        N("cat", "concat", ["gate", "hsig"], "cat", {"axis": 1}),
+        N("pad", "pad", ["cat"], "pad", {"padding": [1, 0, 0, 1], "value": 0.5}),
+        N("mp", "max_pool2d", ["pad"], "mp", {"kernel": 2, "stride": 2, "padding": [0, 1, 1, 0]}),
+        N("ap", "avg_pool2d", ["mp"], "ap", {"kernel": 3, "stride": 1, "padding": 1, "count_include_pad": False}),
+        N("nhwc", "permute", ["ap"], "nhwc", {"perm": [0, 2, 3, 1]}),
+        N("fc1", "linear", ["nhwc"], "fc1", {}, {"weight": "fc1.weight", "bias": "fc1.bias"}),
+        N("gelu", "gelu", ["fc1"], "gelu", {"approximate": "tanh"}),
+        N("nchw", "permute", ["gelu"], "nchw", {"perm": [0, 3, 1, 2]}),
+        N("rs", "reshape", ["nchw"], "rs", {"shape": [12, 25]}),
+        N("sm", "softmax", ["rs"], "sm", {"axis": 2}),
+        N("back", "reshape", ["sm"], "back", {"shape": [12, 5, 5]}),
+        N("relu", "relu", ["back"], "relu"),
+        N("id", "identity", ["relu"], "id"),
+        N("flat", "flatten", ["id"], "flat"),
+        N("gelu2", "gelu", ["flat"], "gelu2"),
+        N("r3", "reshape", ["gelu2"], "r3", {"shape": [12, 5, 5]}),
+        N("gap2", "global_avg_pool", ["r3"], "gap2", {"keepdims": False}),
+        N("bn1d", "batch_norm", ["gap2"], "bn1d", {}, bn1d),
+        N("head", "linear", ["bn1d"], "head", {}, {"weight": "head.weight", "bias": "head.bias"}),
+        N("prob", "softmax", ["head"], "prob", {"axis": 1}),
+    ]
+    return Model(tensors, nodes, "x", (3, 8, 8))
+
+
+def test_to_module_and_pt2_cover_every_ir_op(tmp_path):
+    from udfc_ref.ops import OPS
+
+    model = _every_op_model()
+    assert {n.op for n in model.nodes} == set(OPS)  # a new IR op needs a builder and a place here
+    x = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    ref = model.forward(x)
+    with torch.no_grad():
+        assert rel_err(ct.to_module(model)(torch.from_numpy(x)).numpy(), ref) <= RTOL
+    pt2 = tmp_path / "every.pt2"
+    ct.save_pt2(model, pt2)
+    with torch.no_grad():
+        assert rel_err(torch.export.load(str(pt2)).module()(torch.from_numpy(x)).numpy(), ref) <= RTOL

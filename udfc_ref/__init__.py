@@ -16,10 +16,11 @@ from .errors import ConversionError, FormatError, GraphError, NumericError, Opti
 from .graph import Model, Node
 from .compression import compress
 from .io import load, save
+from .sweep import sweep  # the function; the module is udfc_ref.sweep in sys.modules (importlib.import_module)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "Node", "load", "save", "compress", "UDFCError", "FormatError", "GraphError",
+    "Model", "Node", "load", "save", "compress", "sweep", "UDFCError", "FormatError", "GraphError",
     "NumericError", "OptionError", "ConversionError", "__version__",
 ]

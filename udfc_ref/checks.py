@@ -1,7 +1,10 @@
 """Numerical validation of a model's tensors, done before any work.
 
 Raises :class:`NumericError` naming the tensor: NaN/Inf anywhere, negative BN
-running variance, zero variance with ``eps == 0`` (division by zero).
+running variance, zero variance with ``eps == 0`` (division by zero), a
+quantization scale that is not finite and positive.  :func:`check_layer` is
+the same check for one layer just rewritten by the compression, naming the
+step that produced the values.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def check_numbers(model) -> None:
         if not np.all(np.isfinite(a)):
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
             raise NumericError(f"tensor {t!r} (node {n.name!r}, {role}) holds {bad} NaN/Inf value(s)")
+    for t, q in model.quant.items():
+        if t in used and not (np.all(np.isfinite(q.scale)) and np.all(q.scale > 0)):
+            n, role = used[t]
+            raise NumericError(f"tensor {t!r} (node {n.name!r}, {role}): quantization scales must be finite and "
+                               "positive")
     for n in model.nodes:
         if n.op != "batch_norm":
             continue
@@ -39,3 +47,23 @@ def check_numbers(model) -> None:
             i = int(np.flatnonzero(var + n.attrs["eps"] <= 0)[0])
             raise NumericError(f"tensor {n.params['running_var']!r} (node {n.name!r}): running variance is 0 in "
                                f"channel {i} and eps is {n.attrs['eps']:g} (division by zero)")
+
+
+def check_layer(model, node, what: str, hint: str = "") -> None:
+    """Raise NumericError naming ``node`` when one of its tensors holds
+    NaN/Inf (or a quantized weight a scale that is not finite and positive)
+    after ``what`` (e.g. "compensating the pruned channels of 'c0'")
+    rewrote it: the values overflowed the tensor's dtype.  ``hint`` says
+    how the user can avoid it.
+
+    Values cast to float16/float32 beyond the dtype's range become Inf; this
+    check turns that into an error before anything is written."""
+    for role, t in node.params.items():
+        a = model.tensors[t]
+        q = model.quant.get(t)
+        bad_scale = q is not None and not (np.all(np.isfinite(q.scale)) and np.all(q.scale > 0))
+        if bad_scale or not np.all(np.isfinite(a)):
+            limit = f"{np.finfo(a.dtype).max:.3g}" if a.dtype.kind == "f" else "its range"
+            raise NumericError(f"layer {node.name!r}: {what} makes its {role} {t!r} overflow {a.dtype} "
+                               f"(|value| > {limit}): the weights are too close to the {a.dtype} limit for this "
+                               "compression" + (f" ({hint})" if hint else ""))

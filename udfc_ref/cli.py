@@ -1,17 +1,25 @@
 """The ``udfc`` command line.
 
-Exit status: 0 success, 1 a UDFCError (one line on stderr; ``--debug`` shows
-the traceback), 2 a usage error.
+Exit status: 0 success; 1 a UDFCError (one ``udfc: error: ...`` line on
+stderr, ``--debug`` shows the traceback); 2 a usage error (one line too: an
+unknown option, a bad option value, an output suffix no writer handles); 130
+Ctrl-C; 143 SIGTERM; 141 stdout closed early (a pipe into ``head``).  Interrupted or failed commands leave no partial output
+(``atomic.py``).  Warnings are one ``udfc: warning: ...`` line each; the
+progress bar (``progress.py``) is drawn only on a terminal and is erased
+before an error is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 
 from .errors import UDFCError
 
@@ -22,25 +30,141 @@ EPILOG = """examples:
   udfc eval out.safetensors --data test.npz   top-1 accuracy (arrays x: N,C,H,W float; y: N int)
   udfc import keras model.keras model.safetensors
   udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6              Keras in, Keras out
-  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 \
-       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, TorchScript out
+  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 \\
+       --prune-ratio 0.3 --weight-bits 6                                               PyTorch in, torch.export out
+
+exit status: 0 success, 1 error (one 'udfc: error:' line; --debug shows the traceback),
+2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 output pipe closed
 """
+
+
+# ------------------------------------------------------------- file formats
+
+def _write_udfc(model, path, input_path=None) -> None:
+    from .io import save
+
+    save(model, path, input_path=input_path)
+
+
+def _write_keras(model, path, input_path=None) -> None:
+    from converters import keras as ck  # noqa: PLC0415
+
+    ck.save_keras(model, path)
+
+
+def _write_pt2(model, path, input_path=None) -> None:
+    from converters import torch as ct  # noqa: PLC0415
+
+    ct.save_pt2(model, path)
+
+
+#: output suffix -> (format name, writer(model, path, input_path)).  The one
+#: place the output formats live: the suffix of an output alone picks its
+#: format, and a suffix not listed here is a usage error.  A converter adds a
+#: format with :func:`register_output_format`.
+OUTPUT_FORMATS: dict[str, tuple[str, object]] = {
+    ".safetensors": ("udfc-ref", _write_udfc),
+    ".keras": ("Keras", _write_keras),
+    ".pt2": ("torch.export", _write_pt2),
+}
+#: suffixes refused as outputs, with the reason (checked before any work)
+REFUSED_OUTPUTS = {
+    ".pt": "TorchScript output (.pt/.pth) is no longer written, PyTorch deprecates TorchScript; write a "
+           "torch.export program instead: {stem}.pt2 (load it with torch.export.load)",
+}
+REFUSED_OUTPUTS[".pth"] = REFUSED_OUTPUTS[".pt"]
+
+
+def register_output_format(suffix: str, name: str, writer) -> None:
+    """Let ``udfc compress`` / ``udfc demo --output`` write ``suffix`` files
+    with ``writer(model, path, input_path=None)`` (atomically, checking the
+    result: the writer's job)."""
+    if not (suffix.startswith(".") and len(suffix) > 1):
+        raise ValueError(f"a suffix starts with '.', got {suffix!r}")
+    OUTPUT_FORMATS[suffix.lower()] = (name, writer)
+
+
+def supported_outputs() -> str:
+    """'.safetensors (udfc-ref), .keras (Keras), .pt2 (torch.export)'."""
+    by_name: dict[str, list[str]] = {}
+    for suffix, (name, _) in OUTPUT_FORMATS.items():
+        by_name.setdefault(name, []).append(suffix)
+    return ", ".join(f"{'/'.join(s)} ({name})" for name, s in by_name.items())
+
+
+def output_format(path: str) -> tuple[str, object]:
+    """(format name, writer) for ``path`` by its suffix; ValueError naming
+    the supported suffixes otherwise."""
+    stem, suffix = os.path.splitext(os.fspath(path))
+    suffix = suffix.lower()
+    if suffix in REFUSED_OUTPUTS:
+        raise ValueError(f"{os.fspath(path)}: " + REFUSED_OUTPUTS[suffix].format(stem=stem))
+    if suffix not in OUTPUT_FORMATS:
+        what = f"suffix {suffix!r}" if suffix else "no suffix"
+        raise ValueError(f"output {os.fspath(path)!r} has {what}; the suffix picks the format, supported: "
+                         f"{supported_outputs()}")
+    return OUTPUT_FORMATS[suffix]
+
+
+#: input suffix -> reader kind; anything else is read as a udfc-ref file
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+# ---------------------------------------------------------- option parsing
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``udfc: error: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"udfc: error: {message} (see '{self.prog} --help')\n")
 
 
 def _ratio(s: str) -> float:
     try:
-        return float(s)
+        r = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (math.isfinite(r) and 0.0 <= r < 1.0):
+        raise argparse.ArgumentTypeError(f"prune ratio must be a number in [0, 1), got {s!r}")
+    return r
 
 
 def _bits(s: str):
-    if s.lower() in ("none", "float", "32"):
+    if s.strip().lower() in ("none", "float"):
         return None
     try:
-        return int(s)
+        b = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an int (2..8 or 16) or 'none', got {s!r}") from None
+        b = None
+    if b is None or not (2 <= b <= 8 or b == 16):
+        raise argparse.ArgumentTypeError(f"weight bits must be 2..8, 16, or 'none' (float weights), got {s!r}")
+    return b
+
+
+def _checked(convert, ok, what: str):
+    """An argparse type: ``convert(s)`` that must satisfy ``ok`` (else a usage error saying ``what``)."""
+    def parse(s: str):
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if convert is int else 'a number'}: {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    return parse
+
+
+_nonnegative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _model_output(s: str) -> str:
+    try:
+        output_format(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
 
 
 def add_compress_options(p: argparse.ArgumentParser) -> None:
@@ -49,7 +173,7 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                    help="fraction in [0, 1) of the output channels of every compressible layer to remove "
                         "(default 0: no pruning)")
     g.add_argument("--weight-bits", type=_bits, default=None, metavar="B",
-                   help="quantize weights to B bits (2..8 or 16); absent or 'none': float weights")
+                   help="quantize weights to B bits: 2..8 or 16; 'none' (or 'float', the default): float weights")
     g.add_argument("--method", choices=("udfc", "nm", "none"), default="udfc",
                    help="compensation: udfc (closed form, default), nm (Neuron Merging), none (drop/round only)")
     g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn"), default="l1",
@@ -57,13 +181,16 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-tensor", action="store_true", help="one quantization scale per tensor (default per channel)")
     g.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization (default symmetric)")
     g.add_argument("--mse-clip", action="store_true", help="search the clipping range minimising the weight MSE")
-    g.add_argument("--alpha1", type=float, default=0.01, help="UDFC ridge weight of the pruning solve (default 0.01)")
-    g.add_argument("--alpha2", type=float, default=0.008,
-                   help="UDFC weight pulling quantization rescales to 1 (default 0.008)")
+    g.add_argument("--alpha1", type=_nonnegative, default=0.01, metavar="A",
+                   help="UDFC ridge weight of the pruning solve, >= 0 (default 0.01)")
+    g.add_argument("--alpha2", type=_nonnegative, default=0.008, metavar="A",
+                   help="UDFC weight pulling quantization rescales to 1, >= 0 (default 0.008)")
     g.add_argument("--bias-correction", action="store_true",
                    help="remove the expected output shift of each quantized layer (DFQ-style)")
-    g.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers left untouched")
-    g.add_argument("--min-keep", type=int, default=1, help="channels every pruned layer keeps at least (default 1)")
+    g.add_argument("--skip", nargs="+", default=[], metavar="LAYER",
+                   help="conv/linear layers left untouched (names as 'udfc info' prints them)")
+    g.add_argument("--min-keep", type=_positive_int, default=1, metavar="N",
+                   help="channels every pruned layer keeps at least (default 1)")
 
 
 def compress_kwargs(a) -> dict:
@@ -72,43 +199,70 @@ def compress_kwargs(a) -> dict:
                 alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep)
 
 
+# ------------------------------------------------------------ reading/writing
+
+def _bundled_files() -> tuple[str, str]:
+    from .examples import example_data_path, example_model_path
+
+    return example_model_path(), example_data_path()
+
+
+def check_output(path, *inputs) -> str:
+    """``atomic.check_output_path`` plus the CLI's rule: the bundled example
+    model and data (inputs of ``udfc demo``) and anything in their directory
+    are never written."""
+    from .atomic import check_output_path
+    from .errors import OptionError
+
+    try:
+        real = os.path.realpath(os.fspath(path))
+    except TypeError:
+        real = None  # not a path: check_output_path says so
+    data_dir = os.path.dirname(os.path.realpath(_bundled_files()[0]))
+    if real is not None and os.path.dirname(real) == data_dir:
+        raise OptionError(f"output path {path!r} is in the directory of udfc-ref's bundled example files "
+                          f"({data_dir}); package data is never overwritten: choose another directory")
+    return check_output_path(path, inputs=inputs)
+
+
 def read_model(path: str, torch_module=None, input_shape=None):
     """A udfc-ref file; a Keras .keras/.h5 file converted on the fly; or, with
     ``torch_module``, a PyTorch module (spec ``pkg.mod:attr``) whose weights are
-    ``path`` (a state_dict in .safetensors/.pt/.pth)."""
+    ``path`` (a state_dict in .safetensors/.pt/.pth).  Every input must be a
+    regular file (a FIFO would block)."""
+    from .atomic import check_input_file
     from .io import load
 
+    check_input_file(path)
     if torch_module is not None:
         if input_shape is None:
             raise UDFCError("--torch-module needs --input-shape C,H,W")
         from converters import torch as ct  # noqa: PLC0415
 
-        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape)
-    if path.endswith((".keras", ".h5", ".hdf5")):
+        return ct.to_udfc(ct.load_module_spec(torch_module, weights=path), input_shape, progress=True)
+    if path.lower().endswith(".pt2"):
+        from converters.torch import refuse_pt2_input  # noqa: PLC0415
+
+        raise refuse_pt2_input(path)
+    if path.lower().endswith(KERAS_SUFFIXES):
         from converters import keras as ck  # noqa: PLC0415
 
         return ck.read(path)
-    if path.endswith((".pt", ".pth")):
+    if path.lower().endswith(TORCH_SUFFIXES):
         raise UDFCError(f"{path}: a PyTorch file needs its module: add --torch-module pkg.mod:Net --input-shape C,H,W")
     return load(path)
 
 
 def write_model(model, path: str, input_path=None) -> None:
-    """Save as udfc-ref (.safetensors, default), Keras (.keras) or TorchScript (.pt/.pth)."""
-    from .atomic import check_output_path
-    from .io import save
+    """Save in the format the suffix of ``path`` names (:data:`OUTPUT_FORMATS`)."""
+    from .errors import OptionError
 
-    check_output_path(path, inputs=(input_path,))
-    if path.endswith(".keras"):
-        from converters import keras as ck  # noqa: PLC0415
-
-        ck.save_keras(model, path)
-    elif path.endswith((".pt", ".pth")):
-        from converters import torch as ct  # noqa: PLC0415
-
-        ct.save_torchscript(model, path)
-    else:
-        save(model, path, input_path=input_path)
+    try:
+        _, writer = output_format(path)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    check_output(path, input_path)
+    writer(model, path, input_path=input_path)
 
 
 # ------------------------------------------------------------------ commands
@@ -132,18 +286,25 @@ def cmd_info(a) -> int:
     print(f"parameters {m.param_count():,}   bytes {m.weight_bytes():,}   MACs {m.flops():,}")
     if m.record:
         r = m.record
+        layers = r.get("layers")
         print(f"compressed: method={r.get('method')} prune_ratio={r.get('prune_ratio')} "
-              f"weight_bits={r.get('weight_bits')} pruned layers={len(r.get('layers', {}))}")
+              f"weight_bits={r.get('weight_bits')} pruned layers={len(layers) if isinstance(layers, dict) else 0}")
     else:
         print("uncompressed")
     return 0
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import load_npz, top1
+    from .atomic import check_input_file
+    from .evaluate import check_labels, load_npz, top1
 
+    check_input_file(a.data)  # before the (possibly slow) model: a FIFO or a typo fails at once
     m = read_model(a.model)
     x, y = load_npz(a.data)
+    n_classes = 1
+    for d in m.shapes[m.output_name]:
+        n_classes *= d
+    check_labels(y, n_classes, where=f"{a.data}: 'y'")
     acc = top1(m, x, y, batch_size=a.batch_size, progress=True)
     print(f"top1={acc:.4f}")
     return 0
@@ -151,11 +312,10 @@ def cmd_eval(a) -> int:
 
 def cmd_compress(a) -> int:
     from . import compress
-    from .atomic import check_output_path
 
-    check_output_path(a.output, inputs=(a.input,))
+    check_output(a.output, a.input)
     if a.report:
-        check_output_path(a.report, inputs=(a.input, a.output))
+        check_output(a.report, a.input, a.output)
     m = read_model(a.input, a.torch_module, a.input_shape)
     small, rep = compress(m, progress=True, **compress_kwargs(a))
     write_model(small, a.output, input_path=a.input)
@@ -175,9 +335,7 @@ def cmd_demo(a) -> int:
     from .examples import load_example, load_example_data
 
     if a.output:
-        from .atomic import check_output_path
-
-        check_output_path(a.output)
+        check_output(a.output)
     m = load_example()
     x, y = load_example_data()
     kw = compress_kwargs(a)
@@ -200,15 +358,32 @@ def cmd_demo(a) -> int:
     for name, acc, p, b, f, tc, te in rows:
         print(f"{name:<22} {acc:>7.4f} {p:>9,} {b:>9,} {f:>10,} {tc:>11.3f} {te:>7.3f}")
     if a.output:
-        from .io import save
-
-        save(small, a.output)
+        write_model(small, a.output)
         print(f"wrote {a.output}")
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .progress import message
+    from .sweep import format_rows, sweep
+
+    rows = sweep(a.model, a.data, prune_ratios=a.prune_ratios, weight_bits=a.weight_bits, methods=a.methods,
+                 criteria=a.criteria, per_tensor=a.per_tensor, asymmetric=a.asymmetric, mse_clip=a.mse_clip,
+                 alpha1=a.alpha1, alpha2=a.alpha2, bias_correction=a.bias_correction, min_keep=a.min_keep,
+                 skip=a.skip, out=a.out, plot=a.plot, scheduler=a.scheduler, workers=a.workers,
+                 batch_size=a.batch_size, chunk_size=a.chunk_size, max_samples=a.max_samples, progress=True,
+                 log=message)
+    print(format_rows(rows))
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        raise UDFCError(f"{len(failed)} of {len(rows)} cells failed (their rows in {a.out} hold the error; a rerun "
+                        f"retries them); first: {failed[0]['error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="udfc",
         description="udfc-ref: data-free channel pruning + weight quantization of CNNs (Unified Data-Free "
                     "Compression), NumPy reference implementation.",
@@ -216,46 +391,122 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     from . import __version__
 
-    p.add_argument("--version", action="version", version=f"udfc-ref {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"udfc-ref {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                           help="run 'udfc COMMAND --help' for its options")
 
-    s = sub.add_parser("info", help="layers, channels, parameter count, size, quantization state")
-    s.add_argument("model", help="udfc-ref .safetensors file (or .keras/.h5)")
+    s = sub.add_parser("info", help="layers, channels, parameter count, size, quantization state",
+                       description="Print a model's layers (channels in/out, parameters, quantization), its "
+                                   "parameter count, stored bytes and MACs, and how it was compressed.")
+    s.add_argument("model", help="udfc-ref .safetensors file (or a Keras .keras/.h5 file)")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("eval", help="top-1 accuracy on an .npz file (arrays x, y)")
-    s.add_argument("model")
-    s.add_argument("--data", required=True, help=".npz with x (N, C, H, W) float32 and y (N,) int labels")
-    s.add_argument("--batch-size", type=int, default=256)
+    s = sub.add_parser("eval", help="top-1 accuracy on an .npz file (arrays x, y)",
+                       description="Top-1 accuracy of a model on labelled data; prints one line top1=0.XXXX.")
+    s.add_argument("model", help="udfc-ref .safetensors file (or a Keras .keras/.h5 file)")
+    s.add_argument("--data", required=True, metavar="FILE.npz",
+                   help=".npz (numpy.savez) with x (N, C, H, W) float and y (N,) int labels in [0, classes)")
+    s.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="samples per forward pass (default 256; lower it to use less memory)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compress", help="prune and/or quantize a model without data",
                        description="Prune and/or quantize a model without data; the next layer of every pruned "
-                                   "layer is rewritten to compensate (see docs/derivation.md).",
+                                   "layer is rewritten to compensate (see docs/derivation.md). The output's "
+                                   "suffix picks its format: " + supported_outputs() + ".",
                        epilog="examples:\n  udfc compress in.safetensors out.safetensors --prune-ratio 0.3 "
                               "--weight-bits 6 --method udfc --report report.json\n"
                               "  udfc compress model.keras small.keras --prune-ratio 0.3 --weight-bits 6\n"
-                              "  udfc compress weights.pth small.pt --torch-module mynet.py:Net --input-shape 3,32,32 "
+                              "  udfc compress weights.pth small.pt2 --torch-module mynet.py:Net --input-shape 3,32,32 "
                               "--prune-ratio 0.3 --weight-bits 6",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("input", help="udfc-ref .safetensors file, a Keras .keras/.h5 file, or PyTorch weights "
                                  "(with --torch-module)")
-    s.add_argument("output", help="where to write the compressed model (atomically; never the input): "
-                                  ".safetensors udfc-ref file, .keras Keras model, or .pt/.pth TorchScript")
+    s.add_argument("output", type=_model_output,
+                   help="where to write the compressed model (atomically; never the input); the suffix picks "
+                        "the format: .safetensors udfc-ref, .keras Keras, .pt2 torch.export program")
     g = s.add_argument_group("PyTorch input")
     g.add_argument("--torch-module", metavar="SPEC",
                    help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
-    g.add_argument("--input-shape", metavar="C,H,W", help="input shape for tracing the PyTorch module")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
+                                                         "(torch.export)")
     add_compress_options(s)
-    s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON (atomically)")
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("demo", help="compress the bundled digits example and print a before/after table")
+    s = sub.add_parser("demo", help="compress the bundled digits example and print a before/after table",
+                       description="Compress the bundled digits CNN with each method (none, nm, udfc) and print "
+                                   "accuracy, parameters, bytes and MACs before and after. Defaults: "
+                                   "--prune-ratio 0.3 --weight-bits 6.")
     add_compress_options(s)
     s.set_defaults(prune_ratio=0.3, weight_bits=6)
     s.add_argument("--only", action="store_true", help="run only --method, not the baselines beside it")
-    s.add_argument("--output", metavar="FILE", help="also save the compressed example")
+    s.add_argument("--output", metavar="FILE", type=_model_output,
+                   help="also save the model compressed with --method (suffix picks the format; never the "
+                        "bundled files)")
     s.set_defaults(func=cmd_demo)
+
+    from .compression import CRITERIA, METHODS
+    from .sweep import PLOT_SUFFIXES, RESULT_SUFFIXES, list_of, one_of, parse_switch, suffix_type
+
+    s = sub.add_parser(
+        "sweep", help="the accuracy-compression grid: compress + evaluate every combination of options",
+        description="Compress MODEL with every combination of the listed options (the grid) and measure each "
+                    "result on the test set: top-1, parameters, weight bytes, MACs, the report's predicted error "
+                    "(Eq. E2), seconds. One row per cell in --out; rows already there are not recomputed. Runs on "
+                    "a local Dask cluster (default), an existing one (--scheduler) or sequentially (--workers 0). "
+                    "See docs/sweep.md.",
+        epilog="examples:\n  udfc sweep model.safetensors --data test.npz --out results.csv --plot results.png\n"
+               "  udfc sweep model.safetensors --data test.npz --prune-ratios 0,0.3,0.5 --weight-bits none,6,4 "
+               "--methods nm,udfc --bias-correction both --out results.csv\n"
+               "  udfc sweep model.safetensors --data /shared/test.npz --scheduler tcp://10.0.0.5:8786 "
+               "--out results.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model", help="udfc-ref .safetensors file (or .keras/.h5, converted on the fly)")
+    s.add_argument("--data", required=True, metavar="TEST",
+                   help="test set: .npz with x (N, C, H, W) float and y (N,) int, or a directory with x.npy and "
+                        "y.npy; memory-mapped (store the .npz uncompressed, np.savez, for data larger than memory)")
+    g = s.add_argument_group("grid (comma-separated lists; the grid is their product)")
+    g.add_argument("--prune-ratios", type=list_of(_ratio), default=[0.0, 0.1, 0.3, 0.5], metavar="LIST",
+                   help="fractions in [0, 1) of channels removed (default 0,0.1,0.3,0.5)")
+    g.add_argument("--weight-bits", type=list_of(_bits), default=[None, 8, 6, 4], metavar="LIST",
+                   help="weight bits, 2..8 or 16, 'none' for float (default none,8,6,4)")
+    g.add_argument("--methods", type=list_of(one_of(METHODS)), default=["none", "nm", "udfc"], metavar="LIST",
+                   help="compensation methods among udfc, nm, none (default none,nm,udfc)")
+    g.add_argument("--criteria", type=list_of(one_of(CRITERIA)), default=["l1"], metavar="LIST",
+                   help="channel scores among l1, l2, l1-bn, l2-bn (default l1)")
+    for flag, what in (("--bias-correction", "DFQ bias correction"), ("--per-tensor", "one scale per tensor"),
+                       ("--asymmetric", "asymmetric quantization"), ("--mse-clip", "MSE clipping search")):
+        g.add_argument(flag, type=parse_switch, default=[False], metavar="{off,on,both}",
+                       help=f"{what}: off (default), on, or both (two cells)")
+    g.add_argument("--alpha1", type=list_of(_nonnegative), default=[0.01], metavar="LIST",
+                   help="UDFC ridge weights of the pruning solve (default 0.01)")
+    g.add_argument("--alpha2", type=list_of(_nonnegative), default=[0.008], metavar="LIST",
+                   help="UDFC weights pulling quantization rescales to 1 (default 0.008)")
+    g.add_argument("--min-keep", type=list_of(_positive_int), default=[1], metavar="LIST",
+                   help="channels every pruned layer keeps at least (default 1)")
+    g.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers every cell leaves untouched")
+    g = s.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="FILE", type=suffix_type(RESULT_SUFFIXES),
+                   help="results, .csv or .json (by suffix), one row per cell, rewritten atomically as cells "
+                        "finish; rows already in it are not recomputed (failed ones are retried)")
+    g.add_argument("--plot", metavar="FILE", type=suffix_type(PLOT_SUFFIXES),
+                   help="also plot top-1 against bytes and MACs (.png, .pdf, .svg; needs matplotlib)")
+    g = s.add_argument_group("execution")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see --data at "
+                        "the same path")
+    x.add_argument("--workers", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), metavar="N",
+                   help="local Dask cluster of N worker processes (default: one per core); 0 runs sequentially "
+                        "in this process, without Dask")
+    g.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="samples per forward pass (default 256)")
+    g.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                   help="samples per evaluation task, a multiple of --batch-size (default: automatic)")
+    g.add_argument("--max-samples", type=_positive_int, metavar="N", help="evaluate on the first N samples only")
+    s.set_defaults(func=cmd_sweep)
 
     try:
         from converters import cli as ccli
@@ -266,23 +517,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ------------------------------------------------------------------ running
+
+class Terminated(BaseException):
+    """SIGTERM arrived.  Raised by the CLI's handler so the work unwinds like
+    Ctrl-C does: temp files are removed, outputs stay as they were."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Every warning as one ``udfc: warning: ...`` line (no source line)."""
+    from .progress import message as progress_message
+
+    text = " ".join(str(message).split())
+    if category is not UserWarning:
+        text = f"{category.__name__}: {text}"
+    progress_message(f"udfc: warning: {text}", file)
+
+
+def _fail(text: str) -> None:
+    from .progress import abort_all
+
+    abort_all()  # an error after a second of work: the bar is erased, not left behind
+    print(f"udfc: error: {' '.join(text.split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if not getattr(a, "command", None):
         parser.print_help()
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
-        return int(a.func(a) or 0)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        with warnings.catch_warnings():
+            if not a.debug:
+                warnings.showwarning = _show_warning
+            return int(a.func(a) or 0)
     except UDFCError as e:
         if a.debug:
             traceback.print_exc()
-        msg = str(e).replace("\n", " ")
-        print(f"udfc: error: {msg}", file=sys.stderr)
+        _fail(str(e))
         return 1
+    except MemoryError:
+        if a.debug:
+            traceback.print_exc()
+        _fail("out of memory (the model or data is too large for this machine)")
+        return 1
+    except BrokenPipeError:
+        # stdout closed early (`udfc info m | head -1`): stop quietly, as a killed pipe writer would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except KeyboardInterrupt:
-        print("udfc: interrupted", file=sys.stderr)
+        _fail("interrupted (Ctrl-C); no partial output was left")
         return 130
+    except Terminated:
+        _fail("terminated (SIGTERM); no partial output was left")
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,21 +11,24 @@ by the consumers (``rewrite.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import warnings
+from collections import Counter
 
 import numpy as np
 
-from .checks import check_numbers
+from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
-from .errors import OptionError
+from .errors import NumericError, OptionError
 from .graph import Model
 from .pairs import find_pairs
 from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
-from .rewrite import absorb, keep_outputs, shift_output
-from .select import channel_scores, select_kept
+from .rewrite import absorb, keep_outputs, keep_rows, shift_output
+from .select import channel_scores, select_kept, select_kept_grouped
 from .solve import chain_stats, drop, neuron_merging, objective, pair_stats, udfc
 
 METHODS = ("none", "nm", "udfc")
@@ -55,6 +58,21 @@ def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, a
                               + (" ..." if len(layers) > 8 else "") + ")")
 
 
+def _checked_numerics(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off.  Weights near the
+    float limit overflow on the way (a cast to float32, a square); instead of
+    a warning per operation, every result is checked explicitly - finite pair
+    statistics before each solve, :func:`check_layer` after each rewrite,
+    :func:`check_numbers` on the whole output - and a non-finite one is a
+    NumericError naming the layer."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_checked_numerics
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
@@ -118,6 +136,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     reports: list[LayerReport] = []
     record_layers = {}
     quantized = {}
+    companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     for step, onode in enumerate(layer_nodes):
@@ -137,7 +156,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             if dm is not None:
                 dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
-            note = unpruned.get(onode.name, "") if n_now == n_out else "depthwise, pruned with its producer"
+            note = unpruned.get(onode.name, "") if n_now == n_out else companion.get(
+                onode.name, "depthwise, pruned with its producer")
             reports.append(LayerReport(onode.name, onode.op, n_out, n_now, bits, n_now != n_out, note=note))
             t = tick("quantize", t)
             continue
@@ -147,7 +167,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         W0 = orig.tensors[onode.params["weight"]]
         crit = criterion.split("-")[0]
         scores = channel_scores(W0, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(W0, crit)
-        kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
+        if pair.groups > 1:
+            kept = select_kept_grouped(scores, prune_ratio, pair.groups, gamma=gamma, min_keep=min_keep)
+        else:
+            kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
         t = tick("select", t)
         bn_node = out.node(pair.bn.name)
         keep_outputs(out, node, bn_node, kept)
@@ -156,33 +179,57 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
         Wd = dense_filters(orig, onode)  # (N, C, R) original filters, original coordinates
-        if pair.dw is not None:
-            # depthwise chain: the depthwise channel and its BN go with the producer channel
-            dw = out.node(pair.dw.name)
-            keep_outputs(out, dw, out.node(pair.bn2.name), kept)
-            dw.attrs["groups"] = int(kept.size)
-            in_kept[dw.name] = kept
+        st_gap = None
+        if pair.dw is not None or pair.se is not None:
+            if pair.dw is not None:
+                # depthwise chain: the depthwise channel and its BN go with the producer channel
+                dw = out.node(pair.dw.name)
+                if pair.bn2 is not None:
+                    keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+                else:
+                    keep_rows(out, dw, kept)
+                dw.attrs["groups"] = int(kept.size)
+                in_kept[dw.name] = kept
             if eps_w is not None and bias_correction:
                 _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
-            st = chain_stats(dm.value(pair.value), kept)
+            if pair.se is not None:
+                # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the
+                # rebuilt pre-gate channels through the GAP (statistics read before the lazy data
+                # model drops them behind the mul)
+                st_gap = chain_stats(dm.value(pair.se.value), kept)
+                _prune_se_gate(out, pair, kept, onode.name, companion)
+            vs = dm.value(pair.value)
+            st = chain_stats(vs, kept) if vs is not None else st_gap
         else:
             st = _pair_stats(Wd, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
                              out if bias_correction else None, node)
+        if method == "udfc" and not all(np.all(np.isfinite(v)) for v in (st.mean_a, st.var_a, st.mean_q, st.cov_q,
+                                                                        st.cross)):
+            raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
+                               "the weights or BN statistics are too large for this compression")
         T0, t0_ = drop(st, n_out)
         if method == "udfc":
-            T, tt = udfc(st, n_out, alpha1, alpha2)
+            T, tt = _solved(udfc, onode, st, n_out, alpha1, alpha2)
         elif method == "nm":
             # on a depthwise chain, merging partners are chosen on the producer filters and BN
             T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
+        if st_gap is not None:
+            Ta, ta = udfc(st_gap, n_out, alpha1, alpha2) if method == "udfc" else (T, tt)
+            sq = pair.se.squeeze
+            absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
+            in_kept[sq.name] = kept
         t = tick("solve", t)
+        _resize_reshapes(out, pair.reshapes, kept.size)
         weights = np.zeros(n_out)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
             cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
             weights += (cw**2).sum(axis=(0, 2))
             absorb(out, out.node(c.node.name), T, tt, wc.dtype)
+            check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
+                        f"--skip {onode.name} or --method none avoids it")
             in_kept[c.node.name] = kept
         denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
         err0 = float(weights @ objective(st, T0, t0_)) / denom
@@ -191,6 +238,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                                      "kept": [int(i) for i in kept]}
         if pair.dw is not None:
             record_layers[onode.name]["depthwise"] = pair.dw.name
+        if pair.groups > 1:
+            record_layers[onode.name]["groups"] = int(pair.groups)
+        if pair.se is not None:
+            record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
         reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
         dm.release(onode.name)
         t = tick("rewrite", t)
@@ -198,6 +249,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         bar.update(len(layer_nodes))
         bar.close()
 
+    if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
+        widths = [orig.shapes[p.producer.output][0] for p in pairs]
+        warnings.warn(_nothing_pruned(prune_ratio, widths, unpruned, len(layer_nodes), weight_bits),
+                      stacklevel=3)  # the caller of compress (through _checked_numerics)
     out.record = {
         "method": method, "prune_ratio": prune_ratio, "weight_bits": weight_bits, "criterion": criterion,
         "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,
@@ -206,6 +261,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "unpruned": dict(unpruned),
     }
     out.validate()
+    try:
+        check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
+    except NumericError as e:
+        raise NumericError(f"the compressed model: {e}") from None
     t = tick("validate", t)
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
@@ -218,6 +277,39 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     return out, rep
 
 
+def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str:
+    """The text of the warning for a requested pruning that removed nothing
+    (``widths``: output channels of each prunable layer)."""
+    done = "only the weights were quantized" if weight_bits is not None else "the model is unchanged"
+    if widths:
+        return (f"prune ratio {prune_ratio:g} pruned no channel: round(ratio x channels) is 0 for every prunable "
+                f"layer (the widest of the {len(widths)} has {max(widths)} channels); {done}")
+    reasons = Counter(why for why in unpruned.values() if why)
+    if not reasons:
+        return f"prune ratio {prune_ratio:g} pruned no channel: the model has no conv/linear layer; {done}"
+    why, k = reasons.most_common(1)[0]
+    return (f"prune ratio {prune_ratio:g} pruned no channel: none of the {n_layers} conv/linear layers can be pruned "
+            f"without data ({k} of them: {why}); {done}")
+
+
+def _prune_se_gate(model: Model, pair, kept, producer: str, companion: dict) -> None:
+    """Eq. SE1: remove the pruned channels' rows (and bias) of the gate's
+    excite layer and their entries of the per-channel affines on the gate."""
+    se = pair.se
+    keep_rows(model, model.node(se.excite.name), kept)
+    companion[se.excite.name] = f"excite of the SE gate on {producer!r}, pruned with it"
+    for a in se.affines:
+        keep_rows(model, model.node(a.name), kept)
+    _resize_reshapes(model, se.reshapes, kept.size)
+
+
+def _resize_reshapes(model: Model, nodes, n_kept: int) -> None:
+    """A reshape between (C,) and (C, 1, 1) of pruned channels: C becomes the kept count."""
+    for r in nodes:
+        node = model.node(r.name)
+        node.attrs["shape"] = [int(n_kept)] + list(node.attrs["shape"][1:])
+
+
 def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
     """Eq. D4-D5: the pair's statistics, with the quantization error of the
     kept filters embedded in the original input coordinates (``Wd``: the
@@ -226,6 +318,12 @@ def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, nod
     extra = None
     if eps_w is not None:
         E = eps_w.reshape(kept.size, -1, Wd.shape[2])
+        if pair.groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
+            og, cg = Wd.shape[0] // pair.groups, E.shape[1]
+            cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]
+            dense = np.zeros((kept.size,) + Wd.shape[1:])
+            dense[np.arange(kept.size)[:, None], cols, :] = E
+            E = dense
         if ik is None:
             Wq += E
         else:
@@ -243,6 +341,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
     deq = q.dequantize()
     model.tensors[key] = deq
     model.quant[key] = q
+    check_layer(model, node, f"{bits}-bit quantization", f"--skip {node.name} avoids it")
     quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
     return deq.astype(np.float64) - w.astype(np.float64)
 
@@ -263,4 +362,14 @@ def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> n
     else:
         shift = np.einsum("ocr,c->o", eps_w.reshape(eps_w.shape[0], m.shape[0], -1), m)
     shift_output(model, node, -shift, model.tensors[node.params["weight"]].dtype)
+    check_layer(model, node, "bias correction", "leave out --bias-correction")
     return shift
+
+
+def _solved(solver, onode, *args):
+    """``solver(*args)``; a solve that fails to converge is a NumericError naming the layer."""
+    try:
+        return solver(*args)
+    except np.linalg.LinAlgError as e:
+        raise NumericError(f"layer {onode.name!r}: the compensation solve failed ({e}); the layer's weights or "
+                           "BN statistics are too extreme for this compression") from None

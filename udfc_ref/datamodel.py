@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activation_moments import activation_key
 from .graph import Model, Node
 from .moments import ACTIVATIONS, activation_covariance, activation_mean_var, hermite_coefficients
+from .ops import ACTIVATION_OPS
 
 RHO_GRID = np.concatenate([np.linspace(0.0, 0.95, 20), [0.98, 0.99]])
 
@@ -60,6 +62,18 @@ def dense_filters(model: Model, node: Node) -> np.ndarray:
     cols = grp[:, None] * cg + np.arange(cg)[None, :]
     dense[np.arange(o)[:, None], cols, :] = w.reshape(o, cg, kh * kw)
     return dense
+
+
+def depthwise_filters(model: Model, node: Node) -> np.ndarray | None:
+    """(N, K) float64 filters of a depthwise conv (groups = input channels =
+    output channels, one K-position filter per channel), else None."""
+    if node.op != "conv2d" or node.attrs["groups"] == 1:
+        return None
+    w = model.tensors[node.params["weight"]]
+    n = model.shapes[node.inputs[0]][0]
+    if node.attrs["groups"] != n or w.shape[:2] != (n, 1):
+        return None
+    return w.reshape(n, -1).astype(np.float64)
 
 
 def spatial_positions(node: Node, model: Model) -> np.ndarray:
@@ -303,34 +317,47 @@ class DataModel:
     def _propagate(self, n: Node) -> ValueStats | None:
         m = self.model
         ins = [self.values.get(i) for i in n.inputs]
+        if n.op == "linear" and len(m.shapes[n.inputs[0]]) > 1:
+            return None  # a linear on the last axis of a map: not a channel statistic
         if n.op in ("conv2d", "linear"):
             src = ins[0]
             if src is None and n.op == "linear":
                 p = m.producer(n.inputs[0])
                 if p is not None and p.op == "flatten":
                     src = self.values.get(p.inputs[0])
-            f = dense_filters(m, n)
+            dwf = depthwise_filters(m, n)
+            f = dense_filters(m, n) if dwf is None else None
+            c_in = f.shape[1] if dwf is None else dwf.shape[0]
             if src is None:
-                src = ValueStats(np.zeros(f.shape[1]), np.eye(f.shape[1]))
-            if f.shape[1] != src.mean.shape[0]:
+                src = ValueStats(np.zeros(c_in), np.eye(c_in))
+            if c_in != src.mean.shape[0]:
                 return None
             pos = spatial_positions(n, m)
+            # a depthwise conv's channel i sees input channel i only: the diagonal quantities (D3, D6) are
+            # those of one-channel filters w_i sqrt(C_ii) on a unit input (Eq. D1 without its zeros)
+            fd = f if dwf is None else (dwf * np.sqrt(np.clip(np.diag(src.cov), 0, None))[:, None])[:, None, :]
+            cd = src.cov if dwf is None else np.eye(1)
             nxt = m.consumers(n.output)
             if src.rho is not None and (n.op == "conv2d" or pos.shape[0] > 1):
                 rho = src.rho  # Eq. D6-D8: propagated
             elif len(nxt) == 1 and nxt[0].op == "batch_norm":
                 var = m.param(nxt[0], "running_var").astype(np.float64) + nxt[0].attrs["eps"]
-                rho = fit_rho_s(f, src.cov, pos, var)  # Eq. D3: calibrated on the BN variances
+                rho = fit_rho_s(fd, cd, pos, var)  # Eq. D3: calibrated on the BN variances
             else:
                 rho = 0.0
             im = InputModel(src.mean, src.cov, rho, pos)
             self.inputs[n.name] = im
-            g = im.gram(f, f)
-            mean = im.mean_dot(f)
+            if dwf is None:
+                g = im.gram(f, f)
+                mean = im.mean_dot(f)
+            else:  # G_ij = C_ij w_i R_s w_j^T: O(N^2 K) instead of the dense O(N^3 K)
+                g = src.cov * (dwf @ im.r_s() @ dwf.T)
+                mean = src.mean * dwf.sum(1)
             b = m.param(n, "bias")
             if b is not None:
                 mean = mean + b
-            rho_out = lag_correlation(f, im, n.attrs["stride"]) if n.op == "conv2d" else None
+            im_d = im if dwf is None else InputModel(np.zeros(1), cd, rho, pos)
+            rho_out = lag_correlation(fd, im_d, n.attrs["stride"]) if n.op == "conv2d" else None
             return ValueStats(mean, g, rho_out)
         if n.op == "batch_norm":
             src = ins[0]
@@ -364,7 +391,47 @@ class DataModel:
             from scipy.linalg import block_diag
 
             return ValueStats(np.concatenate([s.mean for s in ins]), block_diag(*[s.cov for s in ins]), rho)
-        return None  # flatten and anything else: unknown
+        return self._propagate_more(n, ins)
+
+    def _propagate_more(self, n: Node, ins) -> ValueStats | None:
+        """A4 through the activations of ``activation_moments`` (Eq. M4-M8)
+        and the layout / gating ops (Eq. D9-D11); None (unknown) for the rest
+        (softmax, layer_norm, permute across the channel axis, flatten of a
+        map, ...)."""
+        m = self.model
+        src = ins[0] if ins else None
+        if n.op in ACTIVATION_OPS:
+            return None if src is None else activation_stats(src.mean, src.cov, activation_key(n), src.rho)
+        if src is None:
+            return None
+        s_in, s_out = m.shapes[n.inputs[0]], m.shapes[n.output]
+        if n.op == "affine":  # Eq. D9, exact: y_c = w_c x_c + b_c
+            if n.attrs["axis"] != 1:
+                return None
+            w, b = m.param(n, "weight"), m.param(n, "bias")
+            w = np.ones(s_in[0]) if w is None else w.astype(np.float64)
+            b = np.zeros(s_in[0]) if b is None else b.astype(np.float64)
+            return ValueStats(src.mean * w + b, src.cov * np.outer(w, w), src.rho)
+        if n.op == "pad":  # Eq. D10: the interior's statistics (as for a conv's own zero padding)
+            return src
+        if n.op in ("reshape", "flatten", "permute"):  # exact when the channel axis stays axis 1
+            keep = s_out[0] == s_in[0] and (n.op != "permute" or n.attrs["perm"][1] == 1)
+            if n.op == "flatten":
+                keep = all(d == 1 for d in s_in[1:])
+            if not keep:
+                return None
+            return ValueStats(src.mean, src.cov, src.rho if tuple(s_out[1:]) == tuple(s_in[1:]) else None)
+        if n.op == "mul":  # Eq. D11: product of independent factors (a gate and a map)
+            other = ins[1]
+            if other is None or other.mean.shape != src.mean.shape:
+                return None
+            mean = src.mean * other.mean
+            second = (src.cov + np.outer(src.mean, src.mean)) * (other.cov + np.outer(other.mean, other.mean))
+            spatial = [s for s, name in zip(ins, n.inputs) if len(m.shapes[name]) == 3 and
+                       np.prod(m.shapes[name][1:]) > 1]
+            rho = spatial[0].rho if len(spatial) == 1 else None
+            return ValueStats(mean, second - np.outer(mean, mean), rho)
+        return None
 
 
 def sample_patches(im: InputModel, n: int, rng: np.random.Generator) -> np.ndarray:

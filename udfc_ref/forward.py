@@ -9,8 +9,11 @@ over channels.  Values are computed in the input's dtype
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.special import erf, expit
 
 from .errors import GraphError, UDFCError
 
@@ -98,39 +101,93 @@ def avg_pool2d(x, kernel, stride, padding, count_include_pad=True):
     return (s / cnt).astype(x.dtype, copy=False)
 
 
+def _softmax(x, axis):
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def layer_norm(x, axis, eps, weight=None, bias=None):
+    """(x - mean) / sqrt(var + eps) over ``axis`` (biased variance), then
+    ``* weight + bias`` broadcast along that axis."""
+    xf = x.astype(np.float64) if x.dtype != np.float64 else x
+    mu = xf.mean(axis=axis, keepdims=True)
+    d = xf - mu
+    var = (d * d).mean(axis=axis, keepdims=True)
+    y = d / np.sqrt(var + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y.astype(x.dtype, copy=False)
+
+
+def affine(x, axis, weight=None, bias=None):
+    """x * weight + bias, both (S,) along ``axis``."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    y = x
+    if weight is not None:
+        y = y * weight.reshape(shape).astype(x.dtype, copy=False)
+    if bias is not None:
+        y = y + bias.reshape(shape).astype(x.dtype, copy=False)
+    return y
+
+
+_SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+
+
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return (0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))).astype(x.dtype, copy=False)
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(x.dtype, copy=False)
+
+
+def _hardsigmoid(x):
+    return (np.clip(x + 3.0, 0.0, 6.0) / 6.0).astype(x.dtype, copy=False)
+
+
+#: op -> kernel(model, node, inputs): one NumPy kernel per op of ``ops.OPS``
+KERNELS = {
+    "conv2d": lambda m, n, ins: conv2d(ins[0], m.param(n, "weight"), m.param(n, "bias"), n.attrs["stride"],
+                                       n.attrs["padding"], n.attrs["dilation"], n.attrs["groups"]),
+    "batch_norm": lambda m, n, ins: batch_norm(ins[0], m.param(n, "weight"), m.param(n, "bias"),
+                                               m.param(n, "running_mean"), m.param(n, "running_var"), n.attrs["eps"]),
+    "linear": lambda m, n, ins: linear(ins[0], m.param(n, "weight"), m.param(n, "bias")),
+    "affine": lambda m, n, ins: affine(ins[0], n.attrs["axis"], m.param(n, "weight"), m.param(n, "bias")),
+    "layer_norm": lambda m, n, ins: layer_norm(ins[0], n.attrs["axis"], n.attrs["eps"], m.param(n, "weight"),
+                                               m.param(n, "bias")),
+    "relu": lambda m, n, ins: np.maximum(ins[0], 0),
+    "relu6": lambda m, n, ins: np.clip(ins[0], 0, 6),
+    "identity": lambda m, n, ins: ins[0],
+    "sigmoid": lambda m, n, ins: expit(ins[0]),
+    "silu": lambda m, n, ins: ins[0] * expit(ins[0]),
+    "hardsigmoid": lambda m, n, ins: _hardsigmoid(ins[0]),
+    "hardswish": lambda m, n, ins: ins[0] * _hardsigmoid(ins[0]),
+    "gelu": lambda m, n, ins: gelu(ins[0], n.attrs["approximate"]),
+    "softmax": lambda m, n, ins: _softmax(ins[0], n.attrs["axis"]),
+    "add": lambda m, n, ins: functools.reduce(np.add, ins),
+    "mul": lambda m, n, ins: ins[0] * ins[1],
+    "concat": lambda m, n, ins: np.concatenate(ins, axis=1),
+    "flatten": lambda m, n, ins: ins[0].reshape(ins[0].shape[0], -1),
+    "reshape": lambda m, n, ins: ins[0].reshape((ins[0].shape[0],) + tuple(n.attrs["shape"])),
+    "permute": lambda m, n, ins: np.ascontiguousarray(ins[0].transpose(n.attrs["perm"])),
+    "pad": lambda m, n, ins: _pad(ins[0], n.attrs["padding"], n.attrs["value"]),
+    "max_pool2d": lambda m, n, ins: max_pool2d(ins[0], n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"]),
+    "avg_pool2d": lambda m, n, ins: avg_pool2d(ins[0], n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"],
+                                               n.attrs["count_include_pad"]),
+    "global_avg_pool": lambda m, n, ins: ins[0].mean(axis=(2, 3), keepdims=n.attrs["keepdims"]),
+}
+
+
 def run_node(model, n, ins):
-    a = n.attrs
-    P = lambda role: model.param(n, role)  # noqa: E731
-    x = ins[0]
-    op = n.op
-    if op == "conv2d":
-        return conv2d(x, P("weight"), P("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
-    if op == "batch_norm":
-        return batch_norm(x, P("weight"), P("bias"), P("running_mean"), P("running_var"), a["eps"])
-    if op == "linear":
-        return linear(x, P("weight"), P("bias"))
-    if op == "relu":
-        return np.maximum(x, 0)
-    if op == "relu6":
-        return np.clip(x, 0, 6)
-    if op == "identity":
-        return x
-    if op == "add":
-        y = ins[0]
-        for other in ins[1:]:
-            y = y + other
-        return y
-    if op == "concat":
-        return np.concatenate(ins, axis=1)
-    if op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if op == "max_pool2d":
-        return max_pool2d(x, a["kernel"], a["stride"], a["padding"])
-    if op == "avg_pool2d":
-        return avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["count_include_pad"])
-    if op == "global_avg_pool":
-        return x.mean(axis=(2, 3), keepdims=a["keepdims"])
-    raise GraphError(f"node {n.name!r}: unknown op {op!r}")
+    k = KERNELS.get(n.op)
+    if k is None:
+        raise GraphError(f"node {n.name!r}: unknown op {n.op!r}")
+    return k(model, n, ins)
 
 
 def run(model, x, return_values=False):

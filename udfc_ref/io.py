@@ -17,15 +17,28 @@ import warnings
 
 import numpy as np
 
-from .atomic import check_output_path, write_bytes_atomic
+from .atomic import check_input_file, check_output_path, open_input, write_bytes_atomic
 from .checks import check_numbers
-from .errors import FormatError, GraphError, UDFCError
+from .errors import FormatError, GraphError, NumericError, UDFCError
 from .graph import Model, Node
 from .quantize import VALID_BITS, QuantizedTensor, pack_codes, qrange, unpack_codes
 
 FORMAT = "udfc-ref"
 FORMAT_VERSION = "1"
-MAX_HEADER = 100 * 1024 * 1024
+#: the safetensors format's own cap on the JSON header (``MAX_HEADER_SIZE`` in
+#: huggingface/safetensors, safetensors/src/tensor.rs): the safetensors
+#: library refuses larger headers too
+MAX_HEADER = 100_000_000
+#: tensors one header may describe: far above any CNN (ResNet-152 has ~900),
+#: low enough that a hostile header of millions of empty tensors is refused
+#: while it is parsed (about 60 MB of Python objects at the limit) instead of
+#: costing gigabytes
+MAX_TENSORS = 100_000
+#: nodes of the graph (each costs ~1 kB once parsed); validation is linear, a
+#: 1,000,000-node graph validates in seconds
+MAX_NODES = 1_000_000
+#: dimensions of one tensor (NumPy 1.x's own limit is 32; CNN tensors have <= 4)
+MAX_RANK = 32
 #: the compression record is a few levels deep; deeper nesting would make
 #: copy.deepcopy / json.dumps hit the recursion limit later
 MAX_RECORD_DEPTH = 32
@@ -44,16 +57,26 @@ def _chunks(model: Model) -> list:
     used = {t for n in model.nodes for t in n.params.values()}
     out: dict[str, np.ndarray] = {}
     qtable = {}
+
+    def put(name, arr, owner):
+        # one name, one array: "__metadata__" is the header's own key, and a parameter literally named
+        # like another one's "_scale" would silently replace it
+        if name == "__metadata__" or name in out:
+            raise FormatError(f"tensor name {name!r} (of {owner!r}) " + (
+                "is reserved by the safetensors format" if name == "__metadata__" else
+                "is used twice (a parameter has the name of a quantized tensor's scale or zero point)"))
+        out[name] = arr
+
     for t in sorted(used):
         q = model.quant.get(t)
         if q is None:
-            out[t] = np.ascontiguousarray(model.tensors[t])
+            put(t, np.ascontiguousarray(model.tensors[t]), t)
             continue
         packed = q.bits < 8
-        out[t] = pack_codes(q.codes, q.bits, q.symmetric) if packed else np.ascontiguousarray(q.codes)
-        out[t + "_scale"] = np.ascontiguousarray(q.scale)
+        put(t, pack_codes(q.codes, q.bits, q.symmetric) if packed else np.ascontiguousarray(q.codes), t)
+        put(t + "_scale", np.ascontiguousarray(q.scale), t)
         if q.zero_point is not None:
-            out[t + "_zero_point"] = np.ascontiguousarray(q.zero_point)
+            put(t + "_zero_point", np.ascontiguousarray(q.zero_point), t)
         qtable[t] = {
             "bits": q.bits,
             "symmetric": q.symmetric,
@@ -101,36 +124,118 @@ def save(model: Model, path, *, input_path=None) -> None:
     ``input_path``, when given, is refused as the output (inputs are never
     overwritten)."""
     check_output_path(path, inputs=(input_path,))
-    write_bytes_atomic(path, _chunks(model))  # streamed: no second copy of the weights
+    check_numbers(model)  # never write NaN/Inf: the file would not load back
+    write_bytes_atomic(path, _chunks(model), verify=lambda tmp: _check_reads_back(model, tmp, path))
+
+
+def _check_reads_back(model: Model, tmp: str, path) -> None:
+    """The complete temp file loads with :func:`load` and holds exactly the
+    model's tensors; else NumericError/FormatError and nothing is written."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = load(tmp)
+    except UDFCError as e:
+        msg = str(e).replace(tmp, path if isinstance(path, str) else os.fspath(path))
+        raise type(e)(f"the model would not load back, nothing was written: {msg}") from None
+    for t in {t for n in model.nodes for t in n.params.values()}:
+        a, b = model.tensors[t], back.tensors.get(t)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype or not _same_bits(a, b):
+            raise NumericError(f"{path}: tensor {t!r} does not read back bit-identical; nothing was written")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality of two arrays of one dtype and shape (no copies when contiguous)."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
-_SAFETENSORS_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "F32", "U32", "I32", "F64", "U64", "I64",
-                       "F8_E4M3", "F8_E5M2")
+#: every safetensors dtype -> its size in bytes
+_SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "F32": 4, "U32": 4,
+                       "I32": 4, "F64": 8, "U64": 8, "I64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+#: NumPy cannot describe an array of more bytes (counting zero-length axes as 1)
+_MAX_ARRAY_BYTES = 2**63 - 1
+
+
+class _JSONLimit(Exception):
+    """Raised inside json.loads by :func:`_strict_json` (never escapes io)."""
+
+
+def _strict_json(text, max_objects: int):
+    """``json.loads`` refusing an object with a repeated key (which value
+    wins is undefined; the safetensors library refuses such headers) and
+    stopping as soon as more than ``max_objects`` objects were parsed (the
+    memory of the parse stays bounded).  Raises _JSONLimit with a reason."""
+    count = 0
+
+    def pairs(items):
+        nonlocal count
+        count += 1
+        if count > max_objects:
+            raise _JSONLimit(f"more than {max_objects:,} JSON objects")
+        d = dict(items)
+        if len(d) != len(items):
+            seen = set()
+            dup = next(k for k, _ in items if k in seen or seen.add(k))
+            raise _JSONLimit(f"the key {dup!r} twice in one object")
+        return d
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _element_count(shape) -> tuple[int, int]:
+    """(elements, elements ignoring zero-length axes), as Python ints (no overflow)."""
+    n = nz = 1
+    for d in shape:
+        n *= d
+        nz *= max(d, 1)
+    return n, nz
 
 
 def _read_header(path) -> tuple[dict, int]:
     """Parse and sanity-check the safetensors header ourselves, so a corrupt
-    file fails with a message before safetensors touches it."""
+    file fails with a message before any tensor is read: size limits, no
+    repeated keys, string metadata, and for every tensor in-file offsets, a
+    known dtype, a shape of at most MAX_RANK sizes whose byte size (computed
+    with Python ints) matches the offsets."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER:
+            if n > size - 8:
                 raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes): truncated "
                                   "or not a safetensors file")
+            if n > MAX_HEADER:
+                raise FormatError(f"{path}: safetensors header of {n:,} bytes exceeds the format's limit of "
+                                  f"{MAX_HEADER:,} bytes")
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = _strict_json(raw.decode("utf-8"), MAX_TENSORS + 2)
+    except _JSONLimit as e:
+        reason = str(e)
+        if reason.startswith("more than"):
+            raise FormatError(f"{path}: the safetensors header describes more than {MAX_TENSORS:,} tensors "
+                              "(corrupt or hostile file)") from None
+        raise FormatError(f"{path}: the safetensors header has {reason} (ambiguous; the safetensors library "
+                          "refuses such files too)") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise FormatError(f"{path}: the safetensors header is not valid JSON (garbage header)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise FormatError(f"{path}: '__metadata__' is not a JSON object")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise FormatError(f"{path}: metadata field {k!r} is not a string (safetensors metadata maps "
+                                  "strings to strings)")
     data_len = size - 8 - n
     for k, v in header.items():
         if k == "__metadata__":
@@ -143,9 +248,19 @@ def _read_header(path) -> tuple[dict, int]:
         if off[0] < 0 or off[1] < off[0] or off[1] > data_len:
             raise FormatError(f"{path}: tensor {k!r} lies beyond the end of the file (truncated?)")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise FormatError(f"{path}: tensor {k!r} has an invalid shape {shape!r}")
+            raise FormatError(f"{path}: tensor {k!r} has an invalid shape {str(shape)[:80]}")
+        if len(shape) > MAX_RANK:
+            raise FormatError(f"{path}: tensor {k!r} has {len(shape)} dimensions (at most {MAX_RANK})")
         if dt not in _SAFETENSORS_DTYPES:
-            raise FormatError(f"{path}: tensor {k!r} has an unknown dtype {dt!r}")
+            raise FormatError(f"{path}: tensor {k!r} has an unknown dtype {str(dt)[:20]!r}")
+        count, nonzero = _element_count(shape)
+        itemsize = _SAFETENSORS_DTYPES[dt]
+        if nonzero * itemsize > _MAX_ARRAY_BYTES:
+            raise FormatError(f"{path}: tensor {k!r} has shape {str(shape)[:80]}, larger than any array can be "
+                              "(corrupt or hostile file)")
+        if count * itemsize != off[1] - off[0]:
+            raise FormatError(f"{path}: tensor {k!r} has {off[1] - off[0]} bytes, but shape {shape} of "
+                              f"{dt} needs {count * itemsize}")
     return header, n
 
 
@@ -162,13 +277,83 @@ def _depth(obj) -> int:
     return deepest
 
 
-def _json_field(meta, key, path, default=None):
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v)
+
+
+#: the fields of the compression record udfc-ref writes (docs/format.md) and
+#: what each must be; other fields are kept as they are (provenance only)
+_RECORD_FIELDS = {
+    "method": ("a string", lambda v: isinstance(v, str)),
+    "criterion": ("a string", lambda v: isinstance(v, str)),
+    "prune_ratio": ("a number", _is_number),
+    "alpha1": ("a number", _is_number),
+    "alpha2": ("a number", _is_number),
+    "weight_bits": ("an int or null", lambda v: v is None or _is_int(v)),
+    "min_keep": ("an int", _is_int),
+    "per_tensor": ("true or false", lambda v: isinstance(v, bool)),
+    "asymmetric": ("true or false", lambda v: isinstance(v, bool)),
+    "mse_clip": ("true or false", lambda v: isinstance(v, bool)),
+    "bias_correction": ("true or false", lambda v: isinstance(v, bool)),
+    "skip": ("a list of layer names", _str_list),
+    "unpruned": ("an object mapping layer names to reasons",
+                 lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+}
+#: per-layer entries of ``layers`` and ``quantized``
+_RECORD_ENTRY_FIELDS = {
+    "layers": {"channels_before": ("an int", _is_int), "channels_after": ("an int", _is_int),
+               "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str))},
+    "quantized": {"tensor": ("a string", lambda v: isinstance(v, str)), "bits": ("an int", _is_int),
+                  "symmetric": ("true or false", lambda v: isinstance(v, bool)),
+                  "per_channel": ("true or false", lambda v: isinstance(v, bool))},
+}
+
+
+def _check_record(record: dict, path) -> None:
+    """Raise FormatError unless every field of the compression record that
+    udfc-ref defines has its documented type (readers such as ``udfc info``
+    rely on them); unknown fields are allowed."""
+    where = f"{path}: metadata 'compression'"
+    for key, (what, ok) in _RECORD_FIELDS.items():
+        if key in record and not ok(record[key]):
+            raise FormatError(f"{where}: {key!r} must be {what}, got {type(record[key]).__name__}")
+    for key, fields in _RECORD_ENTRY_FIELDS.items():
+        if key not in record:
+            continue
+        entries = record[key]
+        if not isinstance(entries, dict):
+            raise FormatError(f"{where}: {key!r} must be an object mapping layer names to objects, "
+                              f"got {type(entries).__name__}")
+        for layer, e in entries.items():
+            if not isinstance(e, dict):
+                raise FormatError(f"{where}: {key}[{layer!r}] must be an object, got {type(e).__name__}")
+            for f, (what, ok) in fields.items():
+                if f in e and not ok(e[f]):
+                    raise FormatError(f"{where}: {key}[{layer!r}][{f!r}] must be {what}, "
+                                      f"got {type(e[f]).__name__}")
+
+
+def _json_field(meta, key, path, default=None, max_objects: int = MAX_TENSORS + 2):
     if key not in meta:
         if default is not None:
             return default
         raise FormatError(f"{path}: metadata field {key!r} is missing")
     try:
-        return json.loads(meta[key])
+        return _strict_json(meta[key], max_objects)
+    except _JSONLimit as e:
+        raise FormatError(f"{path}: metadata field {key!r} has {e}") from None
     except (TypeError, ValueError, RecursionError):
         raise FormatError(f"{path}: metadata field {key!r} is not valid JSON") from None
 
@@ -177,10 +362,12 @@ _NP_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "
               "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
 
 
-def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
+def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file whose header :func:`_read_header`
-    checked: the data section is read once into one writable buffer and each
-    tensor is a view of it (no second copy of the weights in memory)."""
+    checked (offsets, shapes and byte sizes agree): the data section is read
+    once into one writable buffer and each tensor is a view of it (no second
+    copy of the weights in memory).  Only the names in ``wanted`` (default:
+    all) become arrays; every entry is still checked."""
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     end = 0
     for k, v in entries:
@@ -188,17 +375,10 @@ def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
         if start < end:
             raise FormatError(f"{path}: tensor {k!r} overlaps the tensor before it in the file")
         end = stop
-        dt = _NP_DTYPES.get(v["dtype"])
-        if dt is None:
+        if v["dtype"] not in _NP_DTYPES:
             raise FormatError(f"{path}: tensor {k!r} has dtype {v['dtype']}, which udfc-ref does not read")
-        n = 1
-        for d in v["shape"]:
-            n *= d
-        if n * np.dtype(dt).itemsize != stop - start:
-            raise FormatError(f"{path}: tensor {k!r} has {stop - start} bytes, but shape {v['shape']} of "
-                              f"{v['dtype']} needs {n * np.dtype(dt).itemsize}")
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             f.seek(8 + header_len)
             buf = bytearray(end)
             got = f.readinto(buf)
@@ -208,6 +388,8 @@ def _read_tensors(path, header: dict, header_len: int) -> dict[str, np.ndarray]:
         raise FormatError(f"{path}: the file ended while reading tensor data (truncated?)")
     out = {}
     for k, v in entries:
+        if wanted is not None and k not in wanted:
+            continue
         start, stop = v["data_offsets"]
         dt = np.dtype(_NP_DTYPES[v["dtype"]])
         arr = np.frombuffer(buf, dtype=dt, count=(stop - start) // dt.itemsize, offset=start)
@@ -288,10 +470,7 @@ def load(path) -> Model:
         path = os.fspath(path)
     except TypeError:
         raise FormatError(f"{path!r} is not a file path") from None
-    if not os.path.exists(path):
-        raise FormatError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: not a regular file")
+    check_input_file(path)
     header, header_len = _read_header(path)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
@@ -302,13 +481,15 @@ def load(path) -> Model:
     if meta.get("format_version") != FORMAT_VERSION:
         raise FormatError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
                           f"(this udfc-ref reads version {FORMAT_VERSION})")
-    graph = _json_field(meta, "graph", path)
+    graph = _json_field(meta, "graph", path, max_objects=3 * MAX_NODES + 1)  # a node holds <= 3 objects
     inp = _json_field(meta, "input", path)
     qtable = _json_field(meta, "quantization", path, default={})
     record = _json_field(meta, "compression", path, default={}) or None
     output = meta.get("output")
     if not isinstance(graph, list):
         raise FormatError(f"{path}: metadata 'graph' must be a JSON list of nodes")
+    if len(graph) > MAX_NODES:
+        raise FormatError(f"{path}: metadata 'graph' has {len(graph):,} nodes (at most {MAX_NODES:,})")
     if not (isinstance(inp, dict) and isinstance(inp.get("name"), str) and isinstance(inp.get("shape"), list)
             and len(inp["shape"]) == 3 and all(type(s) is int and s > 0 for s in inp["shape"])):
         raise FormatError(f"{path}: metadata 'input' must be {{\"name\": str, \"shape\": [C, H, W]}} with positive "
@@ -319,6 +500,8 @@ def load(path) -> Model:
         raise FormatError(f"{path}: metadata 'compression' must be a JSON object")
     if record is not None and _depth(record) > MAX_RECORD_DEPTH:
         raise FormatError(f"{path}: metadata 'compression' is nested deeper than {MAX_RECORD_DEPTH} levels")
+    if record is not None:
+        _check_record(record, path)
     if output is not None and not isinstance(output, str):
         raise FormatError(f"{path}: metadata 'output' must be a value name")
     try:
@@ -326,8 +509,9 @@ def load(path) -> Model:
     except GraphError as e:
         raise GraphError(f"{path}: {e}") from None
 
-    raw = _read_tensors(path, header, header_len)
     used = {t for n in nodes for t in n.params.values()}
+    aux = {t + s for t in qtable if t in used for s in ("_scale", "_zero_point")}
+    raw = _read_tensors(path, header, header_len, wanted=used | aux)  # no arrays for tensors nobody uses
     tensors, quant = {}, {}
     for t, q in qtable.items():
         if t not in used:
@@ -335,10 +519,7 @@ def load(path) -> Model:
         qt = _quantized(path, t, q, raw)
         quant[t] = qt
         tensors[t] = qt.dequantize()
-    extra = sorted(set(raw) - used)
-    if extra:
-        warnings.warn(f"{path}: {len(extra)} tensor(s) not used by the graph are ignored: {', '.join(extra[:5])}"
-                      + (" ..." if len(extra) > 5 else ""), UserWarning, stacklevel=2)
+    extra = sorted(set(header) - used - aux - {"__metadata__"})
     for k in sorted(used & set(raw)):
         v = raw.pop(k)  # drop our reference as we go: the peak stays near one copy of the weights
         if v.dtype.name not in _FLOAT_DTYPES:
@@ -352,4 +533,8 @@ def load(path) -> Model:
         check_numbers(model)
     except UDFCError as e:
         raise type(e)(f"{path}: {e}") from None
+    if extra:  # warned only for a file that loads: a failing file gets its one error, nothing else
+        names = ", ".join(repr(k) if not k.isprintable() else k for k in extra[:5])
+        warnings.warn(f"{path}: {len(extra)} tensor(s) not used by the graph are ignored: {names}"
+                      + (" ..." if len(extra) > 5 else ""), UserWarning, stacklevel=2)
     return model

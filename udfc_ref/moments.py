@@ -27,6 +27,8 @@ import math
 import numpy as np
 from scipy.special import ndtr
 
+from .activation_moments import EXTRA_ACTIVATIONS, extra_moments
+
 N_HERMITE = 30
 
 #: activation name -> (lo, hi) clip range; identity is (-inf, inf)
@@ -60,7 +62,7 @@ def clipped_gaussian_moments(mean, std, lo=0.0, hi=np.inf):
     pa = np.where(np.isfinite(a), _phi(np.where(np.isfinite(a), a, 0.0)), 0.0)
     pb = np.where(np.isfinite(b), _phi(np.where(np.isfinite(b), b, 0.0)), 0.0)
     # E[z 1{lo<z<hi}], E[z^2 1{lo<z<hi}] for z = m + s u
-    mass = Pb - Pa
+    mass = np.where(a > 0, ndtr(-a) - ndtr(-b), Pb - Pa)  # upper tail without 1 - Phi cancellation
     e1 = m * mass + s * (pa - pb)
     aa = np.where(np.isfinite(a), a, 0.0)
     bb = np.where(np.isfinite(b), b, 0.0)
@@ -76,7 +78,10 @@ def clipped_gaussian_moments(mean, std, lo=0.0, hi=np.inf):
 
 
 def activation_mean_var(beta, gamma, act="relu"):
-    """E[f(z)], Var[f(z)] for z ~ N(beta, gamma^2) (Eq. M1-M2)."""
+    """E[f(z)], Var[f(z)] for z ~ N(beta, gamma^2) (Eq. M1-M2; Eq. M4-M8 for
+    the activations of ``activation_moments.EXTRA_ACTIVATIONS``)."""
+    if act in EXTRA_ACTIVATIONS:
+        return extra_moments(beta, gamma, act, 1)[:2]
     lo, hi = ACTIVATIONS[act]
     m, sq = clipped_gaussian_moments(beta, gamma, lo, hi)
     return m, np.maximum(sq - m * m, 0.0)
@@ -102,7 +107,10 @@ def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
     t_lo = (lo - beta)/gamma, t_hi = (hi - beta)/gamma,
     E[f He_1] = gamma (Phi(t_hi) - Phi(t_lo)) and, for n >= 2,
     E[f He_n] = gamma (He_{n-2}(t_lo) phi(t_lo) - He_{n-2}(t_hi) phi(t_hi));
-    c_n = E[f He_n] / sqrt(n!)."""
+    c_n = E[f He_n] / sqrt(n!).  The activations of
+    ``activation_moments.EXTRA_ACTIVATIONS`` by Eq. M4-M8."""
+    if act in EXTRA_ACTIVATIONS:
+        return extra_moments(beta, gamma, act, n_terms)[2]
     lo, hi = ACTIVATIONS[act]
     beta = np.asarray(beta, dtype=np.float64)
     gamma = np.abs(np.asarray(gamma, dtype=np.float64))

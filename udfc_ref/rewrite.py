@@ -27,7 +27,7 @@ def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype) -> Non
         new = new.reshape((w.shape[0], T.shape[1]) + w.shape[2:])
     else:
         new = new.reshape(w.shape[0], -1)
-    model.tensors[node.params["weight"]] = new.astype(dtype)
+    model.tensors[node.params["weight"]] = np.ascontiguousarray(new, dtype=dtype)  # C order, as a loaded file has it
     if np.any(delta != 0):
         shift_output(model, node, delta, dtype)
 
@@ -64,3 +64,12 @@ def keep_outputs(model: Model, producer: Node, bn: Node, kept: np.ndarray) -> No
             if r in node.params:
                 key = node.params[r]
                 model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])
+
+
+def keep_rows(model: Model, node: Node, kept: np.ndarray, roles=("weight", "bias")) -> None:
+    """Keep only the ``kept`` entries along axis 0 of ``node``'s tensors of
+    ``roles`` (the output rows of a layer, the entries of a per-channel affine)."""
+    for r in roles:
+        if r in node.params:
+            key = node.params[r]
+            model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])

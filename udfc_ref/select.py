@@ -40,3 +40,26 @@ def select_kept(scores: np.ndarray, ratio: float, gamma=None, min_keep: int = 1)
     key = np.where(dead, -np.inf, scores)
     order = np.lexsort((np.arange(n), key))
     return np.sort(order[n_prune:])
+
+
+def select_kept_grouped(scores: np.ndarray, ratio: float, groups: int, gamma=None, min_keep: int = 1) -> np.ndarray:
+    """Eq. S2: indices (sorted) kept of a grouped producer whose N outputs
+    form ``groups`` consecutive groups of ``N / groups``: the same number
+    ``round(ratio * N / groups)`` is pruned in every group (so the layer
+    keeps its ``groups``), the lowest scores of each group first, dead
+    channels first (counted in the same per-group number: the largest dead
+    count of a group when that is more), at least ``max(1, ceil(min_keep /
+    groups))`` kept per group.  Ties: the lower index first."""
+    n = scores.shape[0]
+    og = n // groups
+    n_prune = int(np.floor(ratio * og + 0.5))
+    dead = np.zeros(n, bool) if gamma is None else (np.abs(gamma) <= DEAD_GAMMA)
+    if ratio > 0:
+        n_prune = max(n_prune, int(dead.reshape(groups, og).sum(1).max()))
+    n_prune = min(n_prune, og - max(1, -(-min_keep // groups)))
+    if n_prune <= 0:
+        return np.arange(n)
+    key = np.where(dead, -np.inf, scores).reshape(groups, og)
+    order = np.argsort(key, axis=1, kind="stable")  # stable: ties keep the lower index first
+    kept = (order[:, n_prune:] + (np.arange(groups) * og)[:, None]).ravel()
+    return np.sort(kept)

@@ -20,6 +20,7 @@ Neuron Merging (Eq. N1-N2, merge scale kappa) and plain dropping fill the same T
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,11 @@ class PairStats:
     cov_q: np.ndarray  # (M, M) Cov(a~_K)
     cross: np.ndarray  # (N, M) Cov(a_i, a~_k)
     kept: np.ndarray  # (M,) indices of the kept channels in 0..N-1
+
+
+def _pow2(x: float) -> float:
+    """The largest power of two <= ``x`` (1.0 for 0, Inf or NaN): dividing by it is exact."""
+    return math.ldexp(1.0, math.frexp(x)[1] - 1) if 0 < x < math.inf else 1.0
 
 
 def _safe_div(a, b):
@@ -63,6 +69,13 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
         channels (e.g. minus a bias correction); in the units of W x.
     """
     kept = np.asarray(kept)
+    # every output below is invariant to one common scale of W, Wq and the shift (s, sq, shift scale
+    # alike; rho, delta, scale are ratios): a power of two divides out exactly (bit-identical
+    # results), so weights near the float limit cannot overflow the squares below
+    c = _pow2(max(float(np.abs(W).max(initial=0.0)), float(np.abs(Wq).max(initial=0.0))))
+    if c != 1.0:
+        W, Wq = W / c, Wq / c
+        extra_shift = None if extra_shift is None else extra_shift / c
     A = im.cov_times(W)  # (Sigma_x W^T) as (N, K, C), computed once
     Wq_t = Wq.transpose(0, 2, 1).reshape(Wq.shape[0], -1)
     G = np.einsum("nkc,nkc->n", A, W.transpose(0, 2, 1))
@@ -151,6 +164,8 @@ def _solve_psd(A, B):
     scale = np.max(np.abs(np.diag(A))) if A.size else 0.0
     if scale <= 0:
         return np.zeros_like(B)
+    p = _pow2(scale)
+    A, B = A / p, B / p  # exact: S is unchanged, the factorisations see entries of order 1
     try:
         c = scipy.linalg.cho_factor(A, check_finite=False)
         d = np.abs(np.diag(c[0]))
@@ -183,6 +198,7 @@ def neuron_merging(W, gamma, beta, mean, sigma, kept, lam: float = 0.85, thresho
     if pruned.size == 0:
         return T, np.zeros(n)
     f = W.reshape(n, -1)
+    f = f / _pow2(float(np.abs(f).max(initial=0.0)))  # exact; cos and s are scale-free
     norms = np.linalg.norm(f, axis=1)
     unit = f / np.where(norms > 0, norms, 1.0)[:, None]
     cos = unit[pruned] @ unit[kept].T  # (P, M)
