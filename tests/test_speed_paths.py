@@ -173,23 +173,23 @@ def test_released_layers_keep_no_input_model():
     assert math.isfinite(float(dm.inputs["c2"].cov_c.sum()))
 
 
-def test_scaling_benchmark_smoke(tmp_path):
-    """benchmarks/scaling.py runs end to end (two tiny points per curve) and
-    reports a whole-process ratio and exponents for every curve."""
+def test_scaling_benchmark_measures_a_whole_process_pair(tmp_path):
+    """benchmarks/scaling.py: one tiny model measured as a pair of whole
+    processes (compress and the I/O floor) gives positive times, a ratio, a
+    peak and the stage split; the fitted exponent recovers a known power law."""
     import importlib.util
-    import json
     import os
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scaling.py")
     spec = importlib.util.spec_from_file_location("scaling_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "s.json"
-    res = mod.main(["--smoke", "--json", str(out)])
-    assert json.loads(out.read_text())["threads"] == 1
-    for kind in ("width", "depth"):
-        assert len(res[kind]) == 2
-        for r in res[kind]:
-            assert r["compress"]["wall"] > 0 and r["floor"]["wall"] > 0 and r["ratio_wall"] > 0
-            assert r["compress"]["peak_mib"] > 0 and "data model" in r["stages"]
-        assert res[f"{kind}_exponents"]["params"] > 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = mod.measure(mod.wide(16), str(tmp_path), 1, env)
+    assert r["compress"]["wall"] > 0 and r["floor"]["wall"] > 0 and r["ratio_wall"] > 0
+    assert r["compress"]["peak_mib"] > 0 and "data model" in r["stages"] and r["params"] == mod.wide(16).param_count()
+    assert os.listdir(tmp_path) == []  # the files of the pair are removed
+    xs = [64, 128, 256, 512]
+    assert mod.exponent(xs, [3.0 * x**2 for x in xs]) == pytest.approx(2.0, abs=1e-9)
+    assert mod.exponent(xs, [5.0 + 0 * x for x in xs]) == pytest.approx(0.0, abs=1e-9)

@@ -201,21 +201,20 @@ class InputModel:
         return m[1] if same else None
 
     def cov_times(self, f: np.ndarray) -> np.ndarray:
-        """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only.  Any Gram
+        """(Sigma_x F^T) arranged as (n, K, C), see :func:`cov_times`.  Any Gram
         matrix is then ``cov_times(F1).reshape(n1, -1) @ F2^T`` with F2 laid out
         as (n2, K, C)."""
         hit = self.cached(f)
         if hit is not None:
             return hit
-        return self.cov_times_kc(_filters_kc(f, self.cov_c.dtype))
+        r = self.r_s() if f.shape[2] > 1 and self.rho_s > 0 else None
+        return cov_times(f, self.cov_c, r)
 
     def cov_times_kc(self, fkc: np.ndarray) -> np.ndarray:
         """:meth:`cov_times` for filters already laid out (n, K, C) in the
-        covariance's dtype."""
-        a = _channel_half(fkc, self.cov_c)
-        if fkc.shape[1] > 1 and self.rho_s > 0:
-            a = np.matmul(self.r_s().astype(a.dtype), a)
-        return a
+        covariance's dtype (no transposed copy)."""
+        r = self.r_s() if fkc.shape[1] > 1 and self.rho_s > 0 else None
+        return _cov_times_kc(fkc, self.cov_c, r)
 
     def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
         a = self.cov_times(f1)
@@ -229,8 +228,49 @@ class InputModel:
         return np.einsum("nck,c->n", f, self.mean_c)
 
 
+def cov_times(f: np.ndarray, cov_c: np.ndarray, r: np.ndarray | None) -> np.ndarray:
+    """Sigma_x F^T for ``Sigma_x = C_in (x) R`` (Eq. A2), the one product every
+    second moment of a layer's output is built from (D3, D4, D6).
+
+    Parameters
+    ----------
+    f : (n, C, K) filters.
+    cov_c : (C, C) channel covariance ``C_in``.
+    r : (K, K) spatial matrix, a stack (G, K, K) of them (one batched BLAS
+        product for all G), or None for the identity.
+
+    Returns
+    -------
+    (n, K, C), or (G, n, K, C) for a stack: ``out[.., i, p, c] =
+    sum_{c', q} C_in[c, c'] R[p, q] F[i, c', q]``.  The filters are cast to ``cov_c``'s dtype (float32 on the fast path,
+    float64 on the exact one) and the products run in it.
+    """
+    return _cov_times_kc(_filters_kc(f, cov_c.dtype), cov_c, r)
+
+
+def _cov_times_kc(fkc: np.ndarray, cov_c: np.ndarray, r: np.ndarray | None) -> np.ndarray:
+    """:func:`cov_times` for filters laid out (n, K, C) in ``cov_c``'s dtype."""
+    return _spatial_half(_channel_half(fkc, cov_c), r)
+
+
+def _spatial_half(a: np.ndarray, r: np.ndarray | None) -> np.ndarray:
+    """``R (F C_in)`` from the channel half ``a`` (n, K, C) (:func:`_channel_half`):
+    (n, K, C) for one (K, K) matrix ``r``, (G, n, K, C) for a stack, ``a`` for None."""
+    if r is None:
+        return a
+    r = r.astype(a.dtype, copy=False)
+    if r.ndim == 2:
+        return np.matmul(r, a)  # one (K, K) x (K, C) product per filter
+    n, k, c = a.shape
+    b = r @ a.transpose(1, 0, 2).reshape(k, n * c)  # a stack (G, K, K): (G, K, n C) in one batched product
+    return np.moveaxis(b.reshape(r.shape[:-2] + (k, n, c)), -3, -2)
+
+
 def fit_rho_s(f: np.ndarray, cov_c: np.ndarray, pos: np.ndarray, bn_var: np.ndarray) -> float:
-    """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii)."""
+    """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii).
+
+    The BN running variances are the only BN statistic the data model reads
+    (A3); all grid values are evaluated in one batched product."""
     if pos.shape[0] == 1:
         return 0.0
     fkc = _filters_kc(f)
@@ -239,20 +279,21 @@ def fit_rho_s(f: np.ndarray, cov_c: np.ndarray, pos: np.ndarray, bn_var: np.ndar
 
 def _fit_rho(mom: np.ndarray, pos: np.ndarray, bn_var: np.ndarray) -> float:
     """Eq. D3 from the patch moments (:func:`_patch_moments`): all grid values
-    of rho in one (n, K^2) x (K^2, 22) product."""
+    of rho in one (n, K^2) x (K^2, 22) product,
+    ``diag(W Sigma_x(rho) W^T)_i = sum_pq R(rho)[p, q] M_i[p, q]``."""
     if pos.shape[0] == 1:
         return 0.0
     n = mom.shape[0]
     rg = np.stack([spatial_correlation(pos, rho) for rho in RHO_GRID])
-    qs = mom.reshape(n, -1) @ rg.reshape(len(RHO_GRID), -1).T  # (n, G): diag(W Sigma_x(rho) W^T)
+    q = (mom.reshape(n, -1) @ rg.reshape(len(RHO_GRID), -1).T).T  # (G, n): diag(W Sigma_x(rho) W^T)
     live = bn_var > 0
     best, best_err = 0.0, np.inf
-    for rho, q in zip(RHO_GRID, qs.T):
-        ok = live & (q > 0)
+    for rho, qg in zip(RHO_GRID, q):
+        ok = live & (qg > 0)
         if ok.sum() < 2:
             continue
-        r = np.log(bn_var[ok]) - np.log(q[ok])
-        err = float(np.var(r))
+        d = np.log(bn_var[ok]) - np.log(qg[ok])
+        err = float(np.var(d))
         if err < best_err - 1e-12:
             best, best_err = float(rho), err
     return best
@@ -270,7 +311,11 @@ def bn_affine(model: Model, bn: Node):
 def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
     """Eq. D6: lag-1 spatial correlation of a conv's output, variance weighted
     over channels, for input correlation ``im.rho_s`` (horizontal and vertical
-    lags averaged; an output lag of 1 is an input lag of ``stride``)."""
+    lags averaged; an output lag of 1 is an input lag of ``stride``):
+    ``sum_i W_i Cov(x(0), x(stride e)) W_i^T / sum_i W_i Sigma_x W_i^T`` with
+    ``Cov(x_p(0), x_q(s e))[p, q] = C_in rho^(|p - q - s e|_1)`` (Manhattan, D2;
+    ``0^0 = 1``: a white input still gives correlated outputs where the
+    receptive fields overlap).  Kept in [0, 0.99] like every rho."""
     fkc = _filters_kc(f)
     return _lag(_patch_moments(_channel_half(fkc, im.cov_c), fkc).sum(0), im.pos, im.rho_s, stride)
 
@@ -278,9 +323,9 @@ def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
 def _lag(msum: np.ndarray, pos: np.ndarray, rho: float, stride) -> float:
     """Eq. D6 from the channel-summed patch moments ``msum = sum_i M_i`` (K, K):
     numerator ``sum_pq rho^|p - q - s e|_1 msum[p, q]`` averaged over the two
-    axes, denominator ``sum_i G_ii = sum_pq R_s[p, q] msum[p, q]``."""
+    axes, denominator ``sum_i G_ii = sum_pq R_s[p, q] msum[p, q]`` (``0^0 = 1``)."""
     den = float(np.sum(spatial_correlation(pos, rho) * msum))
-    if den <= 0 or rho <= 0:
+    if den <= 0:
         return 0.0
     num = 0.0
     for axis, s in ((0, stride[0]), (1, stride[1])):
@@ -289,6 +334,20 @@ def _lag(msum: np.ndarray, pos: np.ndarray, rho: float, stride) -> float:
         d = np.abs(pos[:, None, :] - pos[None, :, :] - shift).sum(-1)
         num += float(np.sum(np.power(rho, d) * msum)) / 2
     return float(np.clip(num / den, 0.0, 0.99))
+
+
+def pool_lag_correlation(rho: float, kernel, stride) -> float:
+    """Eq. D8: lag-1 correlation of a k x k pool's output (stride s) for an
+    input field with correlation ``rho^(|dy| + |dx|)``, horizontal and vertical
+    averaged:  ``sum_{a,b<k} rho^|s + b - a| / sum_{a,b<k} rho^|b - a|`` per axis
+    (exact for an average pool of such a field, e.g. rho (1 + rho) / 2 for
+    2 x 2 stride 2, padding and borders aside; max pooling uses Eq. D8')."""
+    out = 0.0
+    for k, s in zip(kernel[:2], stride[:2]):
+        a = np.arange(k)
+        lag = a[None, :] - a[:, None]
+        out += np.power(rho, np.abs(s + lag)).sum() / np.power(rho, np.abs(lag)).sum() / 2
+    return float(np.clip(out, 0.0, 0.99))
 
 
 def _corr(cov: np.ndarray) -> np.ndarray:
@@ -313,7 +372,8 @@ def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str, rho=None) -> V
         tail = np.clip(v - (c**2).sum(0), 0, None)
         num = (np.power(rho, np.arange(1, c.shape[0] + 1))[:, None] * c**2).sum() + rho ** (c.shape[0] + 1) * tail.sum()
         rho_out = float(np.clip(num / v.sum(), 0.0, 0.99))
-    return ValueStats(m, activation_covariance(_corr(cov), c, c, v, v, same=True), rho_out)
+    cov_out = activation_covariance(_corr(cov), c, c, v, v, same=True, marginals=(mean, std, mean, std, act))
+    return ValueStats(m, cov_out, rho_out)
 
 
 class DataModel:
@@ -327,9 +387,11 @@ class DataModel:
     propagates up to a node, the statistics of a value are dropped as soon as
     every node reading it has been propagated, and :meth:`release` drops a
     layer's input model once its caller is done with it -- so memory holds
-    only the frontier of the graph, not every N x N covariance at once; a
-    conv/linear output that no later node reads (the classifier's logits) gets
-    its input model but no output statistics.
+    only the frontier of the graph, not every N x N covariance at once.
+    With ``lazy=True`` and ``skip_unread=True`` (what ``compress`` uses) a
+    conv/linear output whose statistics no later node reads (the classifier's
+    logits) gets its input model but no output statistics (``value`` is then
+    None for it).
 
     ``dtype`` is the precision of the N x N covariances and of the matrix
     products that build them (Eq. D4, M3): ``float64`` (default) is the exact
@@ -338,7 +400,7 @@ class DataModel:
     resolution (derivation, "Precision").  Means, variances and the BN
     calibration (D3) stay float64."""
 
-    def __init__(self, model: Model, lazy: bool = False, dtype=np.float64):
+    def __init__(self, model: Model, lazy: bool = False, dtype=np.float64, skip_unread: bool = False):
         self.model = model
         self.values: dict[str, ValueStats | None] = {}
         self.inputs: dict[str, InputModel] = {}
@@ -357,7 +419,7 @@ class DataModel:
                 p = model.producer(n.inputs[0])
                 if p is not None and p.op == "flatten":
                     self._last_use[p.inputs[0]] = max(self._last_use.get(p.inputs[0], i), i)
-        self._needed = self._needed_values() if lazy else None
+        self._needed = self._needed_values() if lazy and skip_unread else None
         self._released: set = set()
         self._done = 0
         self.seconds = 0.0  # time spent propagating, for the report's stage split
@@ -465,7 +527,7 @@ class DataModel:
             if keep:
                 self.inputs[n.name] = im
             if dwf is None:
-                a = np.matmul(im.r_s().astype(a1.dtype), a1) if k > 1 and rho > 0 else a1  # Sigma_x F^T, (N, K, C)
+                a = _spatial_half(a1, im.r_s() if k > 1 and rho > 0 else None)  # Sigma_x F^T (cov_times), (N, K, C)
                 if self.lazy and keep and n.attrs.get("groups", 1) == 1:
                     im.remember(m.tensors[n.params["weight"]], a)
                 g = gram_sym(a.reshape(a.shape[0], -1), fkc.reshape(fkc.shape[0], -1))
@@ -499,8 +561,12 @@ class DataModel:
             s = ins[0]
             if s is None:
                 return None
-            stride = max(n.attrs["stride"])
-            return ValueStats(s.mean, s.cov, None if s.rho is None else float(s.rho**stride))  # Eq. D8
+            rho = s.rho
+            if rho is not None and n.op == "avg_pool2d":
+                rho = pool_lag_correlation(rho, n.attrs["kernel"], n.attrs["stride"])  # Eq. D8
+            elif rho is not None:
+                rho = float(np.mean(np.power(rho, n.attrs["stride"][:2])))  # Eq. D8': max pool, measured choice
+            return ValueStats(s.mean, s.cov, rho)
         if n.op == "global_avg_pool":
             return None if ins[0] is None else ValueStats(ins[0].mean, ins[0].cov, None)
         if n.op in ("add", "concat"):

@@ -12,8 +12,12 @@ The covariance uses Mehler's expansion in Hermite polynomials (Eq. M3)::
     c_n(f_i) = E[f(beta_i + gamma_i u) He_n(u)] / sqrt(n!)
 
 exact for jointly Gaussian ``u``; the coefficients are closed forms (Stein's
-lemma, see :func:`hermite_coefficients`), vectorised over channels.  Truncated at ``N_HERMITE`` terms, the
-remainder is put on the diagonal so that Var is exact (Eq. M3').
+lemma, see :func:`hermite_coefficients`), vectorised over channels.  The series
+is truncated (at most ``N_HERMITE`` terms); the variances on the diagonal of a
+channel set with itself are set exactly, and for the piecewise-linear
+activations the remainder ``sum_{m>n} rho^m c_m(f_i) c_m(g_k)`` is replaced by
+``|rho|^(n+1)`` times its exact value at ``rho = +1`` (``rho = -1`` for
+negative rho), computed in closed form by :func:`covariance_pm1` (Eq. M3').
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ N_HERMITE = 30
 
 #: activation name -> (lo, hi) clip range; identity is (-inf, inf)
 ACTIVATIONS = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "identity": (-np.inf, np.inf)}
+
+#: piecewise-linear activations as ramps, f(z) = const + sum_j s_j relu(z - a_j),
+#: pairs (s_j, a_j) (Eq. M3'); identity is linear (its Mehler series ends at n = 1)
+RAMPS = {"relu": ((1.0, 0.0),), "relu6": ((1.0, 0.0), (-1.0, 6.0)), "identity": ()}
+
+#: entries of the M3' remainder evaluated per chunk (bounded temporaries)
+_PM_CHUNK = 65536
 
 
 def _phi(t):
@@ -212,19 +223,70 @@ def mehler_sum(rho: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray, same: bo
     return out, (i[tail], k[tail])
 
 
-def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
+def covariance_pm1(beta_a, gamma_a, beta_b, gamma_b, act):
+    """Exact Cov(f(beta_i + |gamma_i| u), f(beta_k +- |gamma_k| u)) for ONE
+    standard normal ``u``: the Mehler sums (Eq. M3) at rho = +1 and rho = -1,
+    elementwise over broadcast arrays (Eq. M3').
+
+    With ``f = const + sum_j s_j relu(z - a_j)`` (``RAMPS``) every term is a
+    covariance of two ramps of ``u``, ``relu(u - t_i)`` and ``relu(+-u - t_k)``,
+    ``t = (a - beta)/|gamma|``, a truncated-Gaussian integral of a quadratic:
+
+    * ``E[relu(u - t_i) relu(u - t_k)] = (1 + t_i t_k) Q(T) - min(t_i, t_k) phi(T)``,
+      ``T = max(t_i, t_k)``, ``Q = 1 - Phi``;
+    * ``E[relu(u - t_i) relu(-u - t_k)] = int_L^U (u - L)(U - u) phi(u) du``,
+      ``L = t_i``, ``U = -t_k`` (0 when ``L >= U``);
+    * ``E[relu(u - t)] = phi(t) - t Q(t)``.
+
+    Returns (cov_plus, cov_minus), or None when ``act`` is not piecewise linear.
+    """
+    if act not in RAMPS:
+        return None
+    ba, bb = np.asarray(beta_a, dtype=np.float64), np.asarray(beta_b, dtype=np.float64)
+    ga, gb = np.abs(np.asarray(gamma_a, dtype=np.float64)), np.abs(np.asarray(gamma_b, dtype=np.float64))
+    if act == "identity":
+        g = ga * gb
+        return g, -g
+    sa, sb = np.where(ga > 0, ga, 1.0), np.where(gb > 0, gb, 1.0)
+    plus, minus = 0.0, 0.0
+    for s_j, a_j in RAMPS[act]:
+        ti = (a_j - ba) / sa
+        mi = _phi(ti) - ti * ndtr(-ti)
+        for s_l, a_l in RAMPS[act]:
+            tk = (a_l - bb) / sb
+            mk = _phi(tk) - tk * ndtr(-tk)
+            hi_t, lo_t = np.maximum(ti, tk), np.minimum(ti, tk)
+            e_plus = (1 + ti * tk) * ndtr(-hi_t) - lo_t * _phi(hi_t)
+            lo, up = ti, -tk
+            i0 = np.where(lo > 0, ndtr(-lo) - ndtr(-up), ndtr(up) - ndtr(lo))
+            i1 = _phi(lo) - _phi(up)
+            i2 = i0 + lo * _phi(lo) - up * _phi(up)
+            e_minus = np.where(lo < up, -(i2 - (lo + up) * i1 + lo * up * i0), 0.0)
+            w = s_j * s_l
+            plus = plus + w * (e_plus - mi * mk)
+            minus = minus + w * (e_minus - mi * mk)
+    g = ga * gb
+    return g * plus, g * minus
+
+
+def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False, marginals=None):
     """Cov(f(z_i), g(z_k)) = sum_n rho_ik^n c_n(f_i) c_n(g_k) (Eq. M3).
 
     rho : (A, B) correlation of the standardised pre-activations;
     coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
     Each entry's series stops after the first term ``n`` with
-    ``|rho|^(n+1) <= MEHLER_TOL`` (at most ``N_HERMITE`` terms; :func:`mehler_sum`).
-    With ``var_a``/``var_b`` (the exact variances), for the entries still
-    above the tolerance after ``N_HERMITE`` terms the truncated tail
-    ``r = Var - sum_n c_n^2`` is added as ``rho^(n+1) sqrt(r_i r_k)`` (Eq. M3'),
-    so that two channels with rho = 1 and equal marginals get exactly their
-    variance; ``same=True`` (the two sets are the same channels) puts the exact
-    variance on the diagonal.
+    ``|rho|^(n+1) <= tol`` (at most ``N_HERMITE`` terms; :func:`mehler_sum`),
+    ``tol = MEHLER_TOL`` (1e-10) for float64 ``rho``, ``MEHLER_TOL32`` (float32
+    resolution) for float32 ``rho``: the omitted part of an entry is below
+    ``tol sqrt(Var_i Var_k)``.  The result has ``rho``'s float dtype.
+    ``marginals = (beta_a, gamma_a, beta_b, gamma_b, act)`` (the BN marginals of
+    the two sets) adds, for the entries still above ``tol`` after ``N_HERMITE``
+    terms, the remainder of the series as
+    ``|rho|^(n+1) R_+-``, with ``R_+ = Cov_{rho=1} - sum_n c_n c_n`` and
+    ``R_- = Cov_{rho=-1} - sum_n (-1)^n c_n c_n`` its exact values at rho = +-1
+    (:func:`covariance_pm1`, float64; Eq. M3'): exact at rho in {-1, 0, 1} for
+    any two marginals.  ``same=True`` (the two sets are the same channels) puts
+    the exact variance ``var_a`` on the diagonal.
     """
     rho = np.asarray(rho)
     dt = rho.dtype if rho.dtype in (np.float32, np.float64) else np.dtype(np.float64)
@@ -232,11 +294,21 @@ def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=Fals
     n_terms = coef_a.shape[0]
     out, (i, k) = mehler_sum(rho, coef_a.astype(dt), coef_b.astype(dt), same,
                              MEHLER_TOL if dt == np.float64 else MEHLER_TOL32)
-    if var_a is not None and var_b is not None and i.size:
-        ra = np.sqrt(np.clip(var_a - (coef_a**2).sum(0), 0, None))
-        rb = np.sqrt(np.clip(var_b - (coef_b**2).sum(0), 0, None))
-        r = np.clip(rho[i, k].astype(np.float64), -1.0, 1.0)
-        out[i, k] += (r ** (n_terms + 1) * ra[i] * rb[k]).astype(dt)
+    if marginals is not None and i.size:
+        beta_a, gamma_a, beta_b, gamma_b, act = marginals
+        pm = covariance_pm1(np.asarray(beta_a)[i], np.asarray(gamma_a)[i], np.asarray(beta_b)[k],
+                            np.asarray(gamma_b)[k], act)
+        if pm is not None:
+            sign = np.where(np.arange(1, n_terms + 1) % 2 == 1, -1.0, 1.0)
+            ca, cb = np.asarray(coef_a, dtype=np.float64), np.asarray(coef_b, dtype=np.float64)
+            s_plus, s_minus = np.empty(i.size), np.empty(i.size)
+            for r in range(0, i.size, _PM_CHUNK):  # (n_terms, chunk) temporaries
+                prod = ca[:, i[r:r + _PM_CHUNK]] * cb[:, k[r:r + _PM_CHUNK]]
+                s_plus[r:r + _PM_CHUNK] = prod.sum(0)
+                s_minus[r:r + _PM_CHUNK] = sign @ prod
+            rr = np.clip(rho[i, k].astype(np.float64), -1.0, 1.0)
+            rem = np.where(rr >= 0, pm[0] - s_plus, pm[1] - s_minus)  # R_+ or R_-
+            out[i, k] += (np.abs(rr) ** (n_terms + 1) * rem).astype(dt)
     if same and var_a is not None:
         np.fill_diagonal(out, var_a)
     return out
