@@ -87,11 +87,16 @@ def test_a4_every_op_follows_its_rule():
     assert np.allclose(v["cat"].cov, blk)
     assert v["cat"].rho == pytest.approx((np.trace(r2.cov) * r2.rho + np.trace(mp.cov) * mp.rho)
                                          / (np.trace(r2.cov) + np.trace(mp.cov)), abs=1e-15)
-    # global pool: same channel statistics, no spatial correlation; flatten: unknown
-    assert same(v["gap"], v["cat"]) and v["gap"].rho is None and v["flat"] is None
-    # a BN on an unknown value: its marginals, uncorrelated channels
+    # global pool: same channel statistics, no spatial correlation; a flatten of the (C, 1, 1)
+    # map it gives is a relabelling: everything kept (derivation, the reshape/flatten rule)
+    assert same(v["gap"], v["cat"]) and v["gap"].rho is None
+    assert same(v["flat"], v["gap"]) and v["flat"].rho is None
+    # a BN on that value: mean beta, the input's correlation scaled by gamma (A1, A4), rho still unknown
     g3 = t["b3.weight"].astype(np.float64)
-    assert np.allclose(v["b3"].mean, t["b3.bias"]) and np.allclose(v["b3"].cov, np.diag(g3**2)) and v["b3"].rho is None
+    c = v["flat"].cov
+    corr = c / np.sqrt(np.outer(np.diag(c), np.diag(c)))
+    assert np.allclose(v["b3"].mean, t["b3.bias"]) and np.allclose(v["b3"].cov, corr * np.outer(g3, g3), atol=1e-12)
+    assert v["b3"].rho is None
     assert dm.inputs["fc"].pos.shape == (1, 2) and np.array_equal(dm.inputs["fc"].mean_c, v["r3"].mean)
 
 
