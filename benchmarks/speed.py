@@ -10,7 +10,7 @@ Measures, each over ``--repeat`` runs (median, min and max reported):
     each child (the operating system's accounting, ``os.wait4``);
 (c) the stage split of compress (data model, select, quantize, solve,
     rewrite, validate), from the compression report;
-(d) NumPy forward vs PyTorch CPU forward of the same model (batch 8,
+(d) NumPy forward vs PyTorch CPU forward of the same model (batch 8, alternated run by run,
     3x224x224), at the same thread count, when PyTorch is installed.
 
 ``--threads`` sets the BLAS threads of NumPy (OPENBLAS_NUM_THREADS and
@@ -19,7 +19,7 @@ friends, for this process and the children) and PyTorch's intra-op threads.
 count (98 M); 256 quadruples it (383 M).
 
 Usage: python benchmarks/speed.py [--width 64] [--repeat 5] [--threads 1] [--json out.json]
-                                  [--no-forward] [--smoke]
+                                  [--no-forward | --forward-only] [--smoke]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def parse(argv):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--no-forward", action="store_true", help="skip (d)")
+    ap.add_argument("--forward-only", action="store_true", help="only (d)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, one run each (for CI)")
     return ap.parse_args(argv)
 
@@ -56,6 +57,49 @@ def timed(fn, repeat):
         out = fn()
         ts.append(time.perf_counter() - t)
     return {"min": min(ts), "median": statistics.median(ts), "max": max(ts), "runs": ts}, out
+
+
+def forward(model, res, a, batch, hw):
+    """(d): NumPy forward against PyTorch's CPU forward of the same model, the
+    same input and thread count, alternated run by run (N T N T ...); the
+    ratio is the median of the per-pair ratios, in wall and in process CPU
+    seconds."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, hw, hw)).astype(np.float32)
+    try:
+        import torch
+
+        from converters.torch import to_module
+    except ImportError:
+        res["numpy_forward"], _ = timed(lambda: model.forward(x), a.repeat)
+        print(f"(d) NumPy forward (batch {batch}): median {res['numpy_forward']['median']:.3f} s; "
+              "PyTorch not installed: comparison skipped")
+        return
+    torch.set_num_threads(a.threads)
+    mod = to_module(model)
+    xt = torch.from_numpy(x)
+    y_np = model.forward(x)  # warm-up of both
+    with torch.no_grad():
+        y_t = mod(xt).numpy()
+    runs = {"numpy": [], "torch": []}
+    for _ in range(a.repeat):
+        for k, fn in (("numpy", lambda: model.forward(x)), ("torch", lambda: mod(xt))):
+            w, c = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                fn()
+            runs[k].append((time.perf_counter() - w, time.process_time() - c))
+    for k in runs:
+        ws = [r[0] for r in runs[k]]
+        res[f"{k}_forward"] = {"min": min(ws), "median": statistics.median(ws), "max": max(ws), "runs": runs[k]}
+    pairs = list(zip(runs["numpy"], runs["torch"]))
+    res["ratio_numpy_over_torch"] = statistics.median(n[0] / t[0] for n, t in pairs)
+    res["ratio_numpy_over_torch_cpu"] = statistics.median(n[1] / t[1] for n, t in pairs)
+    diff = float(np.abs(y_t - y_np).max() / np.abs(y_np).max())
+    print(f"(d) forward, batch {batch}, {a.threads} thread(s), {a.repeat} alternated pairs: NumPy median "
+          f"{res['numpy_forward']['median']:.3f} s, PyTorch {res['torch_forward']['median']:.3f} s; "
+          f"NumPy/PyTorch wall {res['ratio_numpy_over_torch']:.2f}x, cpu {res['ratio_numpy_over_torch_cpu']:.2f}x "
+          f"(target <= 1.5x); max rel diff {diff:.1e}")
 
 
 def main(argv=None):
@@ -79,39 +123,22 @@ def main(argv=None):
            "repeat": a.repeat, "threads": a.threads}
     print(f"model: {res['params']:,} parameters, {res['float32_bytes'] / 2**20:.1f} MiB float32; "
           f"{a.threads} BLAS thread(s)")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update({v: want for v in _THREAD_VARS})
-    with tempfile.TemporaryDirectory(prefix="udfc-speed-") as tmp:
-        r = measure(model, tmp, a.repeat, env)
-    res.update(r)
-    c, f = r["compress"], r["floor"]
-    print(f"(a) I/O floor, whole process:   wall {f['wall']:.2f} s  cpu {f['cpu']:.2f} s  peak {f['peak_mib']:.0f} MiB")
-    print(f"(b) compress, whole process:    wall {c['wall']:.2f} s  cpu {c['cpu']:.2f} s  peak {c['peak_mib']:.0f} MiB")
-    print(f"    compress / floor (pairs):   wall {r['ratio_wall']:.2f}x  cpu {r['ratio_cpu']:.2f}x (target <= 3x); "
-          f"peak / float32 model {r['peak_over_model']:.2f}x (target <= 2x)")
-    total = sum(r["stages"].values()) or 1.0
-    print("(c) stages of compress: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
-                                                  for k, v in r["stages"].items()))
+    if not a.forward_only:
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.update({v: want for v in _THREAD_VARS})
+        with tempfile.TemporaryDirectory(prefix="udfc-speed-") as tmp:
+            r = measure(model, tmp, a.repeat, env)
+        res.update(r)
+        c, f = r["compress"], r["floor"]
+        print(f"(a) I/O floor, whole process:   wall {f['wall']:.2f} s  cpu {f['cpu']:.2f} s  peak {f['peak_mib']:.0f} MiB")
+        print(f"(b) compress, whole process:    wall {c['wall']:.2f} s  cpu {c['cpu']:.2f} s  peak {c['peak_mib']:.0f} MiB")
+        print(f"    compress / floor (pairs):   wall {r['ratio_wall']:.2f}x  cpu {r['ratio_cpu']:.2f}x (target <= 3x); "
+              f"peak / float32 model {r['peak_over_model']:.2f}x (target <= 2x)")
+        total = sum(r["stages"].values()) or 1.0
+        print("(c) stages of compress: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
+                                                      for k, v in r["stages"].items()))
     if not a.no_forward:
-        x = np.random.default_rng(0).standard_normal((batch, 3, hw, hw)).astype(np.float32)
-        res["numpy_forward"], y_np = timed(lambda: model.forward(x), a.repeat)
-        print(f"(d) NumPy forward (batch {batch}):    median {res['numpy_forward']['median']:.3f} s")
-        try:
-            import torch
-
-            from converters.torch import to_module
-
-            torch.set_num_threads(a.threads)
-            mod = to_module(model)
-            xt = torch.from_numpy(x)
-            with torch.no_grad():
-                res["torch_forward"], y_t = timed(lambda: mod(xt), a.repeat)
-            res["ratio_numpy_over_torch"] = res["numpy_forward"]["median"] / res["torch_forward"]["median"]
-            diff = float(np.abs(y_t.numpy() - y_np).max() / np.abs(y_np).max())
-            print(f"    PyTorch forward ({a.threads} thr.):   median {res['torch_forward']['median']:.3f} s   "
-                  f"NumPy/PyTorch {res['ratio_numpy_over_torch']:.2f}x (target <= 1.5x); max rel diff {diff:.1e}")
-        except ImportError:
-            print("    PyTorch not installed: forward comparison skipped")
+        forward(model, res, a, batch, hw)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=2)
