@@ -114,11 +114,12 @@ def main(argv=None):
     from scaling import measure
 
     if a.smoke:
-        model = build(width=8, layers=(1, 1, 1, 1), classes=10, hw=32)
+        make = lambda: build(width=8, layers=(1, 1, 1, 1), classes=10, hw=32)  # noqa: E731
         a.repeat, batch, hw = 1, 2, 32
     else:
-        model = build(width=a.width)
+        make = lambda: build(width=a.width)  # noqa: E731
         batch, hw = 8, 224
+    model = make()
     res = {"width": a.width, "params": model.param_count(), "float32_bytes": model.weight_bytes(),
            "repeat": a.repeat, "threads": a.threads}
     print(f"model: {res['params']:,} parameters, {res['float32_bytes'] / 2**20:.1f} MiB float32; "
@@ -126,12 +127,14 @@ def main(argv=None):
     if not a.forward_only:
         env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.update({v: want for v in _THREAD_VARS})
+        del model  # the children's peaks read from this process's size (scaling.run_child): hold no model
         with tempfile.TemporaryDirectory(prefix="udfc-speed-") as tmp:
-            r = measure(model, tmp, a.repeat, env)
+            r = measure(make(), tmp, a.repeat, env)
+        model = make()
         res.update(r)
         c, f = r["compress"], r["floor"]
-        print(f"(a) I/O floor, whole process:   wall {f['wall']:.2f} s  cpu {f['cpu']:.2f} s  peak {f['peak_mib']:.0f} MiB")
-        print(f"(b) compress, whole process:    wall {c['wall']:.2f} s  cpu {c['cpu']:.2f} s  peak {c['peak_mib']:.0f} MiB")
+        for label, x in (("(a) I/O floor, whole process:  ", f), ("(b) compress, whole process:   ", c)):
+            print(f"{label} wall {x['wall']:.2f} s  cpu {x['cpu']:.2f} s  peak {x['peak_mib']:.0f} MiB")
         print(f"    compress / floor (pairs):   wall {r['ratio_wall']:.2f}x  cpu {r['ratio_cpu']:.2f}x (target <= 3x); "
               f"peak / float32 model {r['peak_over_model']:.2f}x (target <= 2x)")
         total = sum(r["stages"].values()) or 1.0
