@@ -142,3 +142,45 @@ def test_compressed_back_to_keras(zoo, tmp_path):
     back = ck.read(out)
     assert set(back.tensors) == set(small.tensors)
     assert {n.name for n in back.nodes} == {n.name for n in small.nodes}
+
+
+def _table(tmp):  # pragma: no cover - `python tests/test_zoo_keras.py` prints the per-model measurements
+    import time
+
+    rows = []
+    for name, (cls, kw) in ZOO.items():
+        rng = np.random.default_rng(sum(map(ord, name)))
+        km = cls(weights=None, classes=10, **kw)
+        randomise(km, rng)
+        x = rng.uniform(0, 255, size=(2,) + kw["input_shape"]).astype("float32")
+        if not isinstance(km.layers[1], L.Rescaling):
+            x = (x - 127.5) / 64.0
+        path = os.path.join(tmp, f"{name}.keras")
+        km.save(path)
+        y = keras.ops.convert_to_numpy(km(x, training=False))
+        t0 = time.perf_counter()
+        model = ck.read(path)
+        ti = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        small, _ = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
+        tc = time.perf_counter() - t0
+        out = os.path.join(tmp, f"{name}_small.keras")
+        t0 = time.perf_counter()
+        ck.save_keras(small, out)
+        te = time.perf_counter() - t0
+        k = keras.saving.load_model(out)
+        back = rel(keras.ops.convert_to_numpy(k(x, training=False)), small.forward(nchw(x)))
+        layers = [n.name for n in model.nodes if n.op in ("conv2d", "linear")]
+        rows.append(f"| {name} | {rel(model.forward(nchw(x)), y):.1e} | {back:.1e} | "
+                    f"{len(small.record.get('layers', {}))} / {len(layers)} | {small.flops() / model.flops():.3f} | "
+                    f"{small.param_count() / model.param_count():.3f} | {ti:.2f} | {tc:.2f} | {te:.2f} |")
+    head = ("| model | import parity | round-trip parity | layers pruned / conv+linear | MACs kept | params kept | "
+            "import s | compress s | export .keras s |\n|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        print(_table(d))
