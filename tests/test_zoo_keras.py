@@ -87,11 +87,8 @@ def nchw(x):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-@pytest.fixture(scope="module", params=list(ZOO))
-def zoo(request, tmp_path_factory):
-    """Per model: the Keras model, a random batch, Keras' output and logits, the saved
-    .keras file, and the model compressed at 30 % + 6-bit."""
-    name = request.param
+def build(name):
+    """The application ``name`` randomised (seeded by its name) and a batch of two inputs."""
     cls, kw = ZOO[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     km = cls(weights=None, classes=10, **kw)
@@ -99,6 +96,15 @@ def zoo(request, tmp_path_factory):
     x = rng.uniform(0, 255, size=(2,) + kw["input_shape"]).astype("float32")
     if not isinstance(km.layers[1], L.Rescaling):  # models without their own preprocessing
         x = (x - 127.5) / 64.0
+    return km, x
+
+
+@pytest.fixture(scope="module", params=list(ZOO))
+def zoo(request, tmp_path_factory):
+    """Per model: the Keras model, a random batch, Keras' output and logits, the saved
+    .keras file, and the model compressed at 30 % + 6-bit."""
+    name = request.param
+    km, x = build(name)
     path = str(tmp_path_factory.mktemp(name) / f"{name}.keras")
     km.save(path)
     out = {"name": name, "keras": km, "x": x, "path": path,
@@ -148,13 +154,8 @@ def _table(tmp):  # pragma: no cover - `python tests/test_zoo_keras.py` prints t
     import time
 
     rows = []
-    for name, (cls, kw) in ZOO.items():
-        rng = np.random.default_rng(sum(map(ord, name)))
-        km = cls(weights=None, classes=10, **kw)
-        randomise(km, rng)
-        x = rng.uniform(0, 255, size=(2,) + kw["input_shape"]).astype("float32")
-        if not isinstance(km.layers[1], L.Rescaling):
-            x = (x - 127.5) / 64.0
+    for name in ZOO:
+        km, x = build(name)
         path = os.path.join(tmp, f"{name}.keras")
         km.save(path)
         y = keras.ops.convert_to_numpy(km(x, training=False))
