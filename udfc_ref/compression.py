@@ -156,7 +156,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         alloc = allocate(orig, cg, units, target, fraction, weight_bits, bit_choices, skip, method=method,
                          alpha1=alpha1, alpha2=alpha2, bias_correction=bias_correction,
                          qkw=dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip),
-                         progress=progress)
+                         progress=progress, coupled_hint=not prune_coupled and any(
+                             not g.blocked for g in cg.groups if g.producers))
         ratio_of, bits_of = alloc.ratios, alloc.bits
         stages["allocate"] = time.perf_counter() - t0
     if weight_bits == "auto" or target is not None:
@@ -318,7 +319,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     }
     if alloc is not None:
         out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
-                                "bit_choices": None if bit_choices is None else list(bit_choices)}
+                                "bit_choices": None if bit_choices is None else list(bit_choices),
+                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits)}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
