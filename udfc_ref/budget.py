@@ -495,7 +495,7 @@ def _lost(eps: np.ndarray) -> np.ndarray:
 
 
 ACTIVATION_GAIN_OPS = tuple(op for op in ACTIVATION_OPS if op != "identity")
-ADD_SHARE_OPS = ("concat",)
+ADD_SHARE_OPS = ("concat", "add")
 
 
 def output_gains(model, trace: dict, act_gain: dict) -> dict:
