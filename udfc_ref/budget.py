@@ -1,6 +1,6 @@
 """Compress to a budget: per-unit prune ratios and per-layer bits that
 minimise the predicted error subject to a MAC / parameter / byte budget
-(derivation section 12, Eq. B2-B6).
+(derivation section 12, Eq. B2-B7).
 
 A *unit* is a set of channels removed together: a pair (section 1) or a
 coupled channel group (section 11).  The allocation
