@@ -178,3 +178,17 @@ def test_prefix_residuals_are_schur_complements():
             ck = cov[np.ix_(keep, keep)] + alpha * np.diag(np.diag(cov)[keep])
             ref = cov[np.ix_(pruned, pruned)] - cov[np.ix_(pruned, keep)] @ np.linalg.solve(ck, cov[np.ix_(keep, pruned)])
             assert np.allclose(e, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(weight_bits=4, asymmetric=True), dict(weight_bits=6, per_tensor=True),
+                                dict(weight_bits=8, bias_correction=True), dict(method="nm"),
+                                dict(weight_bits="auto", bit_choices=[6, 3], asymmetric=True)])
+def test_byte_budget_with_quantizer_options(kw):
+    """Eq. B5 counts the packed codes, scales and zero points of every
+    quantizer layout, and a bias R2 / B1 may add: the file's bytes never
+    exceed the prediction, which never exceeds the target."""
+    m = dense_net(5)
+    small, rep = compress(m, target_bytes=0.1, prune_coupled=True, **kw)
+    got = rep.bytes_after / rep.bytes_before
+    assert got <= rep.budget["predicted"] + 1e-12 <= 0.1 + 1e-12
+    assert small.weight_bytes() == rep.bytes_after
