@@ -40,7 +40,7 @@ def test_residual_stream_positive_multiple_is_rebuilt_exactly():
     make_multiple(m, "stem", "stem_bn", 3, 5, 0.2, 0.7)
     make_multiple(m, "b.conv2", "b.bn2", 3, 5, 0.3, 0.7)
     y = m.forward(X)
-    with pytest.warns(UserWarning, match="pruned no channel"):
+    with pytest.warns(UserWarning, match="pruned no channel.*--prune-coupled"):
         off, _ = compress(m, prune_ratio=0.125, alpha1=0.0, alpha2=0.0, skip=["b.conv1"])
     assert off.tensors["stem.weight"].shape[0] == 8  # the paper's protocol: coupled channels stay
     res = {}

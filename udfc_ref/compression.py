@@ -358,8 +358,9 @@ def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str
     if not reasons:
         return f"prune ratio {prune_ratio:g} pruned no channel: the model has no conv/linear layer; {done}"
     why, k = reasons.most_common(1)[0]
+    hint = "; prune_coupled=True (--prune-coupled) prunes coupled channels too" if "coupled" in why else ""
     return (f"prune ratio {prune_ratio:g} pruned no channel: none of the {n_layers} conv/linear layers can be pruned "
-            f"without data ({k} of them: {why}); {done}")
+            f"without data ({k} of them: {why}); {done}{hint}")
 
 
 def _prune_se_gate(model: Model, pair, kept, producer: str, companion: dict) -> None:
