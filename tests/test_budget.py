@@ -158,26 +158,30 @@ def test_cli_budget(tmp_path, capsys):
     assert load(tmp_path / "p.safetensors").flops() <= 0.4 * load(src).flops()
 
 
-def test_prefix_residuals_are_schur_complements():
+def test_prefix_energies_are_schur_complements():
     """Eq. B3: one Cholesky factorisation gives, for every kept prefix, the
-    covariance of the channels left out minus their best linear fit on the
-    kept ones (alpha1 = 0: C_PP - C_PK C_KK^-1 C_KP), with the ridge
-    C_PP - C_PK (C_KK + a D_K)^-1 C_KP -- checked against direct solves."""
-    from udfc_ref.budget import _prefix_residuals
+    energy tr(K_PP E_P) a reader with Gram K sees of the channels left out
+    minus their best linear fit on the kept ones (alpha1 = 0: E_P = C_PP -
+    C_PK C_KK^-1 C_KP), with the ridge E_P = C_PP - C_PK (C_KK + a D_K)^-1 C_KP
+    -- checked against direct solves."""
+    from udfc_ref.budget import _prefix_energies
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((9, 40))
     cov = a @ a.T / 40
+    w = rng.standard_normal((5, 9))
+    kmat = w.T @ w
     order = np.array([4, 0, 7, 2, 8, 5])  # the unit's channels, most important first
     fixed = np.array([1, 3, 6])  # other groups' channels: always kept
+    counts = [6, 4, 1, 0]
     for alpha in (0.0, 0.01):
-        res = _prefix_residuals(cov, order, fixed, [6, 4, 1], alpha)
-        for (pruned, e), k in zip(res, [6, 4, 1]):
+        got = _prefix_energies(cov, order, fixed, counts, alpha, kmat)
+        for e, k in zip(got, counts):
             keep = np.concatenate([fixed, order[:k]])
-            assert sorted(pruned) == sorted(order[k:])
+            pruned = order[k:]
             ck = cov[np.ix_(keep, keep)] + alpha * np.diag(np.diag(cov)[keep])
             ref = cov[np.ix_(pruned, pruned)] - cov[np.ix_(pruned, keep)] @ np.linalg.solve(ck, cov[np.ix_(keep, pruned)])
-            assert np.allclose(e, ref, atol=1e-9)
+            assert e == pytest.approx(float(np.sum(ref * kmat[np.ix_(pruned, pruned)])), abs=1e-9)
 
 
 @pytest.mark.parametrize("kw", [dict(weight_bits=4, asymmetric=True), dict(weight_bits=6, per_tensor=True),

@@ -276,18 +276,22 @@ class CostModel:
 
 # ----------------------------------------------------------------- predicted errors (Eq. B3, B4, B7)
 
-def _prefix_residuals(cov, order, fixed, counts, alpha1):
-    """Eq. B3's residual variances by one Cholesky factorisation.
+def _prefix_energies(cov, order, fixed, counts, alpha1, kmat):
+    """Eq. B3's residual energies by one Cholesky factorisation.
 
     ``order``: the unit's channels of the value, most important first (every
     kept set is a prefix), ``fixed``: the value's channels of other groups
-    (always kept).  With ``A = C + alpha1 diag(C)`` permuted to ``[fixed,
-    order]`` and ``L`` its Cholesky factor, the residual covariance of the
-    channels after the first ``m``, regressed on the first ``m``, is the
-    Schur complement ``L22 L22^T`` of the leading block, less the ridge
-    ``alpha1 diag(C)`` on its diagonal (the fit's own ridge shrinkage left
-    out).  Returns, per kept count of ``counts``, ``(pruned channel indices,
-    residual covariance)``, or None when the factorisation fails."""
+    (always kept), ``kmat`` the reader's (N, N) Gram ``K``.  With ``A = C +
+    alpha1 diag(C)`` permuted to ``p = [fixed, order]`` and ``L`` its
+    Cholesky factor, the residual covariance of the channels after the first
+    ``m``, regressed on the first ``m``, is the Schur complement
+    ``L[m:, m:] L[m:, m:]^T`` less the ridge ``alpha1 diag(C)`` on its
+    diagonal (the fit's own ridge shrinkage left out).  As ``L`` is lower
+    triangular, column ``j >= m`` of ``L`` is zero above row ``m``, so
+    ``tr(K_PP L[m:, m:] L[m:, m:]^T) = sum_{j >= m} L[:, j]^T K_p L[:, j]``: every
+    prefix's energy ``tr(K_PP E_P)`` is a suffix sum of ``diag(L^T K_p L)``
+    (one O(N^3) product for all candidates).  Returns the energies per kept
+    count of ``counts``, or None when the factorisation fails."""
     p = np.concatenate([fixed, order]).astype(np.int64)
     d = np.diag(cov)[p]
     a = cov[np.ix_(p, p)] + alpha1 * np.diag(d)
@@ -296,14 +300,11 @@ def _prefix_residuals(cov, order, fixed, counts, alpha1):
         low = np.linalg.cholesky(a)
     except np.linalg.LinAlgError:
         return None
-    out = []
-    for k in counts:
-        m = fixed.size + int(k)
-        tail = low[m:, m:]
-        e = tail @ tail.T
-        e[np.diag_indices_from(e)] -= alpha1 * d[m:]
-        out.append((p[m:], e))
-    return out
+    kp = kmat[np.ix_(p, p)]
+    col = np.einsum("ij,ij->j", low, kp @ low)  # L[:, j]^T K_p L[:, j]
+    col -= alpha1 * d * np.diag(kp)
+    suffix = np.concatenate([np.cumsum(col[::-1])[::-1], [0.0]])
+    return np.array([suffix[fixed.size + int(k)] for k in counts])
 
 
 def _exact_residuals(vs, kept_sets, n, method, alpha1, alpha2, blocks):
@@ -338,11 +339,11 @@ def _order(unit: Unit) -> np.ndarray:
     return prune_order(unit.scores, unit.gamma, unit.blocks)[..., ::-1]
 
 
-def _residuals(cg, u: Unit, v, vs, cand, method, alpha1, alpha2, consumer):
-    """Per candidate of unit ``u``, ``(pruned channel indices P of value v,
-    their residual second moments E[e_P e_P^T], e = v - T v_K - t)`` when
-    ``u`` keeps that candidate and every other channel of ``v`` stays
-    (Eq. B3)."""
+def _residual_energies(cg, u: Unit, v, vs, cand, method, alpha1, alpha2, consumer, kmat) -> np.ndarray:
+    """Per candidate of unit ``u``, ``tr(K_PP E[e_P e_P^T])``: the energy the
+    reader (Gram ``kmat``) sees of the residual ``e = v - T v_K - t`` of the
+    pruned channels ``P`` of value ``v`` when ``u`` keeps that candidate and
+    every other channel of ``v`` stays (Eq. B3)."""
     ratios, counts = cand
     segs = cg.layout[v]
     offs = np.cumsum([0] + [cg.groups[g].size for g in segs])[:-1]
@@ -351,38 +352,36 @@ def _residuals(cg, u: Unit, v, vs, cand, method, alpha1, alpha2, consumer):
     order = _order(u)
     grouped = consumer.op == "conv2d" and consumer.attrs["groups"] > 1
     if method != "udfc":  # dropped: the pruned channels' second moment
+        m2 = kmat * (vs.cov + np.outer(vs.mean, vs.mean))
         out = []
         for k in counts:
             tail = order[:, k // u.blocks:].ravel() if u.blocks > 1 else order[k:]
             idx = np.concatenate([o + tail for o in mine])
-            out.append((idx, vs.cov[np.ix_(idx, idx)] + np.outer(vs.mean[idx], vs.mean[idx])))
-        return out
+            out.append(float(m2[np.ix_(idx, idx)].sum()))
+        return np.array(out)
     if len(mine) == 1 and u.blocks == 1:
         o = mine[0]
         fixed = np.setdiff1d(np.arange(size), o + np.arange(u.size))
-        res = _prefix_residuals(vs.cov, o + order, fixed, counts, alpha1)
+        res = _prefix_energies(vs.cov, o + order, fixed, counts, alpha1, kmat)
         if res is not None:
             return res
     elif len(mine) == 1 and grouped and consumer.attrs["groups"] == u.blocks:
         o, og = mine[0], u.size // u.blocks  # a block-diagonal rebuild: one prefix per block
-        per = []
+        total = np.zeros(len(counts))
         for b in range(u.blocks):
             rows = o + b * og + np.arange(og)
-            r = _prefix_residuals(vs.cov[np.ix_(rows, rows)], order[b] - b * og, np.array([], np.int64),
-                                  np.asarray(counts) // u.blocks, alpha1)
+            r = _prefix_energies(vs.cov[np.ix_(rows, rows)], order[b] - b * og, np.array([], np.int64),
+                                 np.asarray(counts) // u.blocks, alpha1, kmat[np.ix_(rows, rows)])
             if r is None:
-                per = None
+                total = None
                 break
-            per.append([(rows[i], e) for i, e in r])
-        if per is not None:
-            from scipy.linalg import block_diag
-
-            return [(np.concatenate([per[b][c][0] for b in range(u.blocks)]),
-                     block_diag(*[per[b][c][1] for b in range(u.blocks)])) for c in range(len(counts))]
+            total += r
+        if total is not None:
+            return total
     kept_sets = [cg.kept_index(v, {u.group: u.kept(r)}) for r in ratios]
     kept_sets = [np.arange(size) if k is None else k for k in kept_sets]
-    return _exact_residuals(vs, kept_sets, size, method, alpha1, alpha2,
-                            consumer.attrs["groups"] if grouped else 1)
+    return np.array([float(np.sum(e * kmat[np.ix_(i, i)])) for i, e in _exact_residuals(
+        vs, kept_sets, size, method, alpha1, alpha2, consumer.attrs["groups"] if grouped else 1)])
 
 
 def _reader_gram(f, im) -> np.ndarray:
@@ -465,9 +464,8 @@ def predict_errors(model, cg, units, cands, method, alpha1, alpha2, bit_layers=(
                 var_z = float(np.sum(vs.cov * k)) if vs is not None else 0.0
                 if var_z <= 0:
                     continue
-                res = _residuals(cg, u, v, vs, cands[u.name], method, alpha1, alpha2, n)
-                per_reader[u.name].append((n.output, np.array([float(np.sum(e * k[np.ix_(i, i)])) for i, e in res])
-                                    / var_z))
+                res = _residual_energies(cg, u, v, vs, cands[u.name], method, alpha1, alpha2, n, k)
+                per_reader[u.name].append((n.output, res / var_z))
         if n.name in bit_layers and im is not None:
             raw_bits[n.name] = (n.output, _bits_errors(model, n, im, bit_choices, qkw, bias_correction))
         dm.release(n.name)
