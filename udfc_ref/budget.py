@@ -615,6 +615,16 @@ class _Greedy:
         self.k, self.bits = k, bits
         self.idx = {u.name: 0 for u in units}
         self.node_cost = np.array([self._cost(i) for i in range(len(cm.nodes))], dtype=np.float64)
+        self.unit_of = {u.name: u for u in units}
+        self.keys = [("u", u.name) for u in units] + [("b", layer) for layer in bit_err]
+        self.order = {key: i for i, key in enumerate(self.keys)}
+        self.node_keys: dict[int, list] = {}  # node index -> keys whose moves change its cost
+        for u in units:
+            for i in cm.deps.get(u.group, []):
+                self.node_keys.setdefault(i, []).append(("u", u.name))
+        for layer in bit_err:
+            self.node_keys.setdefault(cm.layer_node[layer], []).append(("b", layer))
+        self.cache = {True: {}, False: {}}
 
     def _cost(self, i, k=None, bits=None):
         nc = self.cm.nodes[i]
@@ -626,45 +636,65 @@ class _Greedy:
         return float(self.node_cost.sum())
 
     def _unit_delta(self, u, c):
-        """(cost change, new node costs) of moving unit ``u`` to candidate ``c``."""
+        """(cost change, dependent nodes, their new costs) of moving unit ``u`` to candidate ``c``."""
         k = self.k.copy()
         k[u.group] = self.cands[u.name][1][c]
         nodes = self.cm.deps.get(u.group, [])
         new = np.array([self._cost(i, k) for i in nodes], dtype=np.float64)
-        return float(new.sum() - self.node_cost[nodes].sum()), nodes, new, k
+        return float(new.sum() - self.node_cost[nodes].sum()), nodes, new
 
     def _bits_delta(self, layer, j):
         i = self.cm.layer_node[layer]
         new = self._cost(i, bits=self.choices[j])
         return float(new - self.node_cost[i]), i, new
 
-    def _moves(self, forward: bool):
-        """Every single move: (error change, cost change, apply) for each unit
-        candidate / layer bit width ahead of (``forward``) or behind the current one."""
-        for order, u in enumerate(self.units):
+    def _key_moves(self, key, forward: bool) -> list:
+        """Every single move of one unit (``key`` = ("u", name)) or one
+        layer's bits (("b", layer)) ahead of (``forward``) or behind the
+        current choice: (error change, cost change, tie key, move)."""
+        out = []
+        if key[0] == "u":
+            u = self.unit_of[key[1]]
             cur = self.idx[u.name]
-            rng = range(cur + 1, len(self.cands[u.name][0])) if forward else range(cur)
-            for c in rng:
-                dcost, nodes, new, k = self._unit_delta(u, c)
+            for c in (range(cur + 1, len(self.cands[u.name][0])) if forward else range(cur)):
+                dcost, nodes, new = self._unit_delta(u, c)
                 derr = float(self.unit_err[u.name][c] - self.unit_err[u.name][cur])
-                yield derr, dcost, (0, order, c), ("unit", u, c, nodes, new, k)
-        for order, (layer, errs) in enumerate(self.bit_err.items()):
-            cur = self.choices.index(self.bits[layer])
-            rng = range(cur + 1, len(self.choices)) if forward else range(cur)
-            for j in rng:
-                dcost, i, new = self._bits_delta(layer, j)
-                yield float(errs[j] - errs[cur]), dcost, (1, order, j), ("bits", layer, j, i, new)
+                out.append((derr, dcost, (0, self.order[key], c), ("unit", u, c, nodes, new)))
+            return out
+        layer = key[1]
+        errs = self.bit_err[layer]
+        cur = self.choices.index(self.bits[layer])
+        for j in (range(cur + 1, len(self.choices)) if forward else range(cur)):
+            dcost, i, new = self._bits_delta(layer, j)
+            out.append((float(errs[j] - errs[cur]), dcost, (1, self.order[key], j), ("bits", layer, j, i, new)))
+        return out
+
+    def _moves(self, forward: bool):
+        """Every single move, from the cache: a key's moves are recomputed
+        only after a move changed the cost of a node they touch (Eq. B5's
+        costs are local), so a step costs what the moved unit touches, not a
+        pass over every unit."""
+        cache = self.cache[forward]
+        for key in self.keys:
+            if key not in cache:
+                cache[key] = self._key_moves(key, forward)
+            yield from cache[key]
 
     def _apply(self, mv):
         if mv[0] == "unit":
-            _, u, c, nodes, new, k = mv
+            _, u, c, nodes, new = mv
             self.idx[u.name] = c
-            self.k = k
+            self.k[u.group] = self.cands[u.name][1][c]
             self.node_cost[nodes] = new
+            stale = {("u", u.name)} | {key for i in nodes for key in self.node_keys.get(i, ())}
         else:
             _, layer, j, i, new = mv
             self.bits[layer] = self.choices[j]
             self.node_cost[i] = new
+            stale = {("b", layer)} | set(self.node_keys.get(i, ()))
+        for cache in self.cache.values():
+            for key in stale:
+                cache.pop(key, None)
 
     def run(self, budget: float) -> None:
         # 1. greedy: the move with the least predicted error per unit of cost saved, until within budget
@@ -682,8 +712,9 @@ class _Greedy:
         # 2. give back: the step back that lowers the predicted error most while staying within budget
         while True:
             best = None
+            now = self.cost()
             for derr, dcost, tie, mv in self._moves(False):
-                if derr >= 0 or self.cost() + dcost > budget:
+                if derr >= 0 or now + dcost > budget:
                     continue
                 key = (derr, tie)
                 if best is None or key < best[0]:
