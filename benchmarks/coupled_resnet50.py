@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.3, help="prune ratio (default 0.3)")
     ap.add_argument("--bits", type=int, default=None, help="weight bits (default float)")
     ap.add_argument("--no-export", action="store_true", help="skip the .pt2 / .keras load-back")
+    ap.add_argument("--target-macs", type=float, default=None,
+                    help="also compress to this MAC budget with prune_coupled (the allocation's time and reach)")
     ap.add_argument("--out", help="write the numbers as JSON")
     a = ap.parse_args(argv)
     m = resnet50.build(hw=a.hw)
@@ -55,6 +57,16 @@ def main(argv=None) -> int:
                     "convs_pruned": sum(1 for r in rep.layers if r.channels_after < r.channels_before),
                     "convs": len(rep.layers), "seconds": time.perf_counter() - t0}
         print(key, json.dumps(res[key]), flush=True)
+    if a.target_macs is not None:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bsmall, rep = compress(m, target_macs=a.target_macs, weight_bits=a.bits, prune_coupled=True)
+        res["budget"] = {"target_macs": a.target_macs, **{k: v for k, v in rep.budget.items() if k != "target"},
+                         "params_kept": rep.params_after / rep.params_before,
+                         "seconds": time.perf_counter() - t0, "allocate_seconds": rep.stage_seconds["allocate"],
+                         "ratios": bsmall.record["budget"]["ratios"]}
+        print("budget", {k: v for k, v in res["budget"].items() if k != "ratios"}, flush=True)
     if not a.no_export:
         import torch
 

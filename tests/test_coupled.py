@@ -168,3 +168,44 @@ def test_cli_prune_coupled(tmp_path, capsys):
     back = load(out)
     assert back.record["prune_coupled"] is True and back.record["layers"]["res"]["group"] == "stem"
     assert back.flops() < 0.45 * load(src).flops()
+
+
+def grouped_net(seed=0, c=8, groups=2, hw=8) -> Model:
+    """conv-BN-ReLU (p) read by a grouped 3x3 conv (2 groups) -BN-ReLU, global
+    pool, classifier: p's channels must lose the same count in each half."""
+    rng = np.random.default_rng(seed)
+    t, nodes = {}, []
+    t["p.weight"] = (rng.standard_normal((c, 3, 3, 3)) * np.sqrt(2 / 27)).astype(np.float32)
+    nodes.append(Node("p", "conv2d", ["x"], "p", {"padding": 1}, {"weight": "p.weight"}))
+    nodes.append(Node("p_bn", "batch_norm", ["p"], "p_bn", {"eps": 1e-5}, bn_params(rng, c, "p_bn", t)))
+    nodes.append(Node("p_relu", "relu", ["p_bn"], "p_relu"))
+    cg = c // groups
+    t["g.weight"] = (rng.standard_normal((c, cg, 3, 3)) * np.sqrt(2 / (9 * cg))).astype(np.float32)
+    nodes.append(Node("g", "conv2d", ["p_relu"], "g", {"padding": 1, "groups": groups}, {"weight": "g.weight"}))
+    nodes.append(Node("g_bn", "batch_norm", ["g"], "g_bn", {"eps": 1e-5}, bn_params(rng, c, "g_bn", t)))
+    nodes.append(Node("g_relu", "relu", ["g_bn"], "g_relu"))
+    nodes.append(Node("gap", "global_avg_pool", ["g_relu"], "gap"))
+    nodes.append(Node("flat", "flatten", ["gap"], "flat"))
+    t["fc.weight"] = (rng.standard_normal((5, c)) / np.sqrt(c)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["flat"], "y", {}, {"weight": "fc.weight"}))
+    return Model(t, nodes, "x", (3, hw, hw))
+
+
+def test_grouped_consumer_rebuilds_within_each_group_exactly():
+    """Eq. G4: channel 3 is 0.6 x channel 1 (group 0) and channel 6 is 0.5 x
+    channel 4 (group 1): one channel goes from each half, each is rebuilt from
+    its own half (block-diagonal T), exactly; the grouped conv keeps 2 groups."""
+    m = grouped_net(1)
+    make_multiple(m, "p", "p_bn", 3, 1, 0.1, 0.6)
+    make_multiple(m, "p", "p_bn", 6, 4, 0.1, 0.5)
+    y = m.forward(X)
+    res = {}
+    for method in ("none", "udfc"):
+        small, _ = compress(m, prune_ratio=0.25, method=method, alpha1=0.0, alpha2=0.0, skip=["g"],
+                            prune_coupled=True)
+        assert small.record["layers"]["p"]["kept"] == [0, 1, 2, 4, 5, 7]
+        assert small.record["layers"]["p"]["group"] == "p"  # a coupled group (not a pair: g is grouped)
+        assert small.tensors["g.weight"].shape == (8, 3, 3, 3) and small.node("g").attrs["groups"] == 2
+        res[method] = rel(small.forward(X), y)
+    assert res["udfc"] <= 1e-5
+    assert res["none"] > 1e-2
