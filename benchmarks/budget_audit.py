@@ -107,6 +107,39 @@ def audit_model(name, model, x, y, ratios, coupled, log=print) -> list[dict]:
     return rows
 
 
+def ridge_check(name, model, alpha1=0.01, log=print) -> float:
+    """Eq. B3's one approximation against the compensation's own solve: the
+    prefix energies (Schur complement of the ridged covariance, the ridge's
+    shrinkage of T left out) against U1-U3 solved per candidate
+    (``budget._exact_residuals``), over every (unit, reader, candidate) of
+    the model.  Returns the largest relative difference."""
+    from udfc_ref import budget as B
+    from udfc_ref.datamodel import DataModel, dense_filters
+
+    cg = find_groups(model)
+    pairs, unpruned = find_pairs(model)
+    groups = _coupled_groups(cg, pairs, [], dict(unpruned))
+    units = [Unit.of_pair(model, p, cg, "l1", 1) for p in pairs] + [Unit.of_group(model, g, "l1", 1) for g in groups]
+    dm = DataModel(model)
+    worst = 0.0
+    for u in units:
+        for c, v, _ in cg.groups[u.group].consumers:
+            vs, im = dm.value(v), dm.inputs.get(c.name)
+            if vs is None or im is None or (c.op == "conv2d" and c.attrs["groups"] > 1):
+                continue
+            k = B._reader_gram(dense_filters(model, c), im)
+            ratios, counts = u.candidates()
+            fast = B._residual_energies(cg, u, v, vs, (ratios, counts), "udfc", alpha1, 0.008, c, k)
+            kept = [cg.kept_index(v, {u.group: u.kept(r)}) for r in ratios]
+            kept = [np.arange(vs.mean.shape[0]) if q is None else q for q in kept]
+            slow = np.array([float(np.sum(e * k[np.ix_(i, i)])) for i, e in
+                             B._exact_residuals(vs, kept, vs.mean.shape[0], "udfc", alpha1, 0.008, 1)])
+            den = float(np.sum(vs.cov * k))
+            worst = max(worst, float(np.max(np.abs(fast - slow))) / den if den > 0 else 0.0)
+    log(f"  {name}: largest |prefix - solved| energy over the reader's output variance: {worst:.2e}")
+    return worst
+
+
 def spearman(rows) -> dict:
     from scipy.stats import spearmanr
 
@@ -142,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=300, help="test samples (default 300)")
     ap.add_argument("--smoke", action="store_true", help="one model, one ratio, 30 samples")
     ap.add_argument("--tables", action="store_true", help="only print the tables of <out>/budget_audit*.json")
+    ap.add_argument("--ridge-check", action="store_true",
+                    help="only compare Eq. B3's prefix energies with per-candidate U1-U3 solves (every unit, "
+                         "coupled groups included)")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",")] if a.models else \
         [m for m in MODELS if os.path.exists(os.path.join(a.model_dir, f"{m}.safetensors"))]
@@ -149,6 +185,10 @@ def main(argv=None) -> int:
     if a.smoke:
         models, ratios, a.n = models[:1], ratios[:1], 30
     stem = "budget_audit" + ("_coupled" if a.coupled else "")
+    if a.ridge_check:
+        for name in models:
+            ridge_check(name, udfc_ref.load(os.path.join(a.model_dir, f"{name}.safetensors")))
+        return 0
     if a.tables:
         with open(os.path.join(a.out, stem + ".json")) as f:
             print(markdown(json.load(f)))
