@@ -312,7 +312,7 @@ def _exact_residuals(vs, kept_sets, n, method, alpha1, alpha2, blocks):
     for a grouped reader, Eq. G4) on the value's statistics, one solve per
     candidate kept set."""
     from .coupled import block_udfc
-    from .solve import chain_stats, drop, objective, udfc
+    from .solve import chain_stats, drop, udfc
 
     out = []
     for kept in kept_sets:
