@@ -150,6 +150,8 @@ def test_cli_budget(tmp_path, capsys):
                  "--bit-choices", "8,6,4"]) == 0
     text = capsys.readouterr().out
     assert "budget bytes <= 15.0% of the original: achieved" in text
+    assert main(["info", str(out)]) == 0
+    assert "weight_bits=auto" in (info := capsys.readouterr().out) and "budget: bytes <= 15.0% of the original" in info
     back = load(out)
     assert back.weight_bytes() <= 0.15 * load(src).weight_bytes()
     assert set(q["bits"] for q in back.record["quantized"].values()) <= {8, 6, 4}

@@ -325,7 +325,12 @@ def cmd_info(a) -> int:
         r = m.record
         layers = r.get("layers")
         print(f"compressed: method={r.get('method')} prune_ratio={r.get('prune_ratio')} "
-              f"weight_bits={r.get('weight_bits')} pruned layers={len(layers) if isinstance(layers, dict) else 0}")
+              f"weight_bits={r.get('weight_bits')} pruned layers={len(layers) if isinstance(layers, dict) else 0}"
+              + (" prune_coupled=True" if r.get("prune_coupled") is True else ""))
+        b = r.get("budget")
+        if isinstance(b, dict):  # types checked when the file was read (io._check_record)
+            print(f"budget: {b['target']} <= {100 * b['fraction']:.1f}% of the original, achieved "
+                  f"{100 * b['achieved']:.2f}%")
     else:
         print("uncompressed")
     return 0
