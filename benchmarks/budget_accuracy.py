@@ -6,7 +6,9 @@ For every benchmark model at 6-bit weights (``method=udfc``):
 * ``budget_macs``: ``target_macs`` set to the MAC fraction the uniform
   ratio reached (equal MACs);
 * ``budget_bytes``: ``target_bytes`` set to the byte fraction it reached;
-* ``budget_macs_coupled``: as ``budget_macs`` with ``prune_coupled=True``.
+* ``budget_macs_coupled``: as ``budget_macs`` with ``prune_coupled=True``;
+* ``budget_bytes_auto``: as ``budget_bytes`` with ``weight_bits="auto"``
+  from {8, 6, 4} (bits chosen per layer).
 
 Each row: top-1 on the model's test split, MACs / parameters / bytes as
 fractions of the original, compress seconds.  Rows are appended to
@@ -42,7 +44,7 @@ from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 
 MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
           "efficientnet_mnist", "mobilenetv3_mnist")
-VARIANTS = ("uniform", "budget_macs", "budget_bytes", "budget_macs_coupled")
+VARIANTS = ("uniform", "budget_macs", "budget_bytes", "budget_macs_coupled", "budget_bytes_auto")
 BITS = 6
 
 
@@ -65,16 +67,20 @@ def run_model(name, model, x, y, ratios, done: dict, save_row, log=print) -> Non
         uni = done[key]
         for variant, kw in (("budget_macs", {"target_macs": uni["macs"]}),
                             ("budget_bytes", {"target_bytes": uni["bytes"]}),
-                            ("budget_macs_coupled", {"target_macs": uni["macs"], "prune_coupled": True})):
+                            ("budget_macs_coupled", {"target_macs": uni["macs"], "prune_coupled": True}),
+                            ("budget_bytes_auto", {"target_bytes": uni["bytes"], "weight_bits": "auto",
+                                                   "bit_choices": [8, 6, 4]})):
             if (name, r, variant) in done:
                 continue
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                small, rep = udfc_ref.compress(model, weight_bits=BITS, **kw)
+                small, rep = udfc_ref.compress(model, **{"weight_bits": BITS, **kw})
             row = {"model": name, "ratio": r, "variant": variant, "seconds": time.perf_counter() - t0,
                    **_fractions(rep), "top1": top1(small, x, y),
                    "ratios": {k: v for k, v in small.record["budget"]["ratios"].items()}}
+            if small.record["budget"]["bits"]:
+                row["bits"] = dict(small.record["budget"]["bits"])
             save_row(row)
         log(f"  {name} r={r}: " + "  ".join(f"{v} {done[(name, r, v)]['top1']:.4f}" for v in VARIANTS), flush=True)
 
@@ -119,6 +125,18 @@ def tables(rows) -> str:
     mean = lambda v: f"{100 * sum(v) / len(v):+.1f}" if v else "-"  # noqa: E731
     out.append(f"| all | {len(allw)} | {sum(1 for w in allw if w >= 0)} / {len(allw)} | {mean(allw)} | "
                f"{mean(all50)} |")
+    out.append("")
+    out.append("| model | bytes % (uniform at 0.3 / 0.5) | budget, 6 bits | budget, bits from {8, 6, 4} | "
+               "bits chosen (8 / 6 / 4 layers) |")
+    out.append("|---|---:|---:|---:|---:|")
+    for m in models:
+        for r in (0.3, 0.5):
+            b6, ba = by.get((m, r, "budget_bytes")), by.get((m, r, "budget_bytes_auto"))
+            if b6 is None or ba is None:
+                continue
+            bits = list(ba.get("bits", {}).values())
+            out.append(f"| {m} (r={r:g}) | {100 * by[(m, r, 'uniform')]['bytes']:.1f} | {100 * b6['top1']:.1f} | "
+                       f"{100 * ba['top1']:.1f} | {bits.count(8)} / {bits.count(6)} / {bits.count(4)} |")
     return "\n".join(out) + "\n"
 
 
