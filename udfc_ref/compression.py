@@ -19,17 +19,19 @@ from collections import Counter
 
 import numpy as np
 
+from . import coupled as _coupled
+from .budget import Unit, check_target
 from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
 from .errors import NumericError, OptionError
 from .graph import Model
 from .io import release_pages
+from .groups import find_groups
 from .pairs import find_pairs
 from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, keep_rows, shift_output
-from .select import channel_scores, select_kept, select_kept_grouped
 from .solve import chain_stats, drop, neuron_merging, objective, pair_stats, udfc
 
 METHODS = ("none", "nm", "udfc")
@@ -40,8 +42,10 @@ def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, a
     if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not math.isfinite(prune_ratio) \
             or not 0.0 <= prune_ratio < 1.0:
         raise OptionError(f"prune ratio must be a number in [0, 1), got {prune_ratio!r}")
-    if weight_bits is not None and (isinstance(weight_bits, bool) or weight_bits not in VALID_BITS):
-        raise OptionError(f"weight bits must be one of 2..8 or 16 (or None for float weights), got {weight_bits!r}")
+    if weight_bits is not None and weight_bits != "auto" and (isinstance(weight_bits, bool)
+                                                             or weight_bits not in VALID_BITS):
+        raise OptionError(f"weight bits must be one of 2..8 or 16, 'auto' (with a byte budget) or None for float "
+                          f"weights, got {weight_bits!r}")
     if method not in METHODS:
         raise OptionError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if criterion not in CRITERIA:
@@ -77,7 +81,9 @@ def _checked_numerics(fn):
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
-             min_keep: int = 1, progress: bool = False, exact: bool = False) -> tuple[Model, Report]:
+             min_keep: int = 1, progress: bool = False, prune_coupled: bool = False, target_macs=None,
+             target_params=None, target_bytes=None, bit_choices=None,
+             exact: bool = False) -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -86,7 +92,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     model : the model (not modified).
     prune_ratio : fraction in [0, 1) of each pair producer's output channels
         removed (``round(ratio * N)``, at least ``min_keep`` kept).
-    weight_bits : 2..8 or 16, or None for no quantization.
+    weight_bits : 2..8 or 16, or None for no quantization; ``"auto"`` (with
+        ``target_bytes``): each layer's bits chosen from ``bit_choices``.
     method : ``"none"`` (drop / round), ``"nm"`` (Neuron Merging) or ``"udfc"``.
     criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma.
     per_tensor, asymmetric, mse_clip : quantizer options (``quantize.py``).
@@ -94,6 +101,15 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
     progress : show a progress line on stderr when the work takes over a second.
+    prune_coupled : also prune coupled channel groups -- residual streams,
+        concat inputs, chains into grouped convs (derivation section 11); off
+        keeps the paper's protocol (pairs only).
+    target_macs, target_params, target_bytes : a budget, as a fraction in
+        (0, 1) of the original's MACs / parameters / weight bytes (one at a
+        time, exclusive with ``prune_ratio``): every unit's prune ratio (and,
+        with ``weight_bits="auto"``, every layer's bits) is chosen to minimise
+        the predicted error within it (section 12).
+    bit_choices : bit widths for ``weight_bits="auto"`` (default 8, 6, 4).
     exact : build the data model's covariances in float64 with the Mehler series to 1e-10
         (the reference path) instead of float32 (faster, half the memory; within the
         tolerance stated in ``docs/derivation.md``, "Precision").
@@ -106,11 +122,17 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
+    if not isinstance(prune_coupled, bool):
+        raise OptionError(f"prune_coupled must be True or False, got {prune_coupled!r}")
+    target, fraction, bit_choices = check_target(prune_ratio, weight_bits, bit_choices,
+                                                 {"macs": target_macs, "params": target_params,
+                                                  "bytes": target_bytes})
     check_numbers(model)
     t0 = time.perf_counter()
     stages = {}
 
     dm_seen = [0.0]
+    dm = None
 
     def tick(name, t):
         """Charge the time since ``t`` to stage ``name``, less what the lazy
@@ -126,13 +148,46 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     out = model.copy(share_tensors=True)  # every rewrite below replaces arrays, never writes into them
     pairs, unpruned = find_pairs(orig)
     pairs = [p for p in pairs if p.name not in skip]
-    if prune_ratio == 0 and weight_bits is None:
+    cg = find_groups(orig)  # channel groups (linear in the graph): what must be removed together
+    groups = _coupled_groups(cg, pairs, skip, unpruned) if prune_coupled else []
+    units = [Unit.of_pair(orig, p, cg, criterion, min_keep) for p in pairs] + \
+        [Unit.of_group(orig, g, criterion, min_keep) for g in groups]
+    ratio_of = {u.name: prune_ratio for u in units}
+    bits_of = {}
+    alloc = None
+    if target is not None:
+        from .budget import allocate
+
+        alloc = allocate(orig, cg, units, target, fraction, weight_bits, bit_choices, skip, method=method,
+                         alpha1=alpha1, alpha2=alpha2, bias_correction=bias_correction,
+                         qkw=dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip),
+                         progress=progress, coupled_hint=not prune_coupled and any(
+                             not g.blocked for g in cg.groups if g.producers))
+        ratio_of, bits_of = alloc.ratios, alloc.bits
+        stages["allocate"] = time.perf_counter() - t0
+    if weight_bits == "auto" or target is not None:
+        # a unit left at ratio 0 without quantization of its producer is not touched at all
+        pairs = [p for p in pairs if ratio_of[p.name] > 0 or _bits(p.name, weight_bits, bits_of, skip) is not None]
+    elif prune_ratio == 0 and weight_bits is None:
         pairs = []  # nothing to do: the model is returned unchanged
     for s in skip:
         unpruned[s] = "skipped by request"
+    unit_of = {u.name: u for u in units}
     t = time.perf_counter()
+    # ---- coupled groups: one kept set each (Eq. G1), rows removed everywhere up front
+    group_kept = {}
+    for g in groups:
+        kept = unit_of[g.name].kept(ratio_of[g.name])
+        if kept.size < g.size:
+            group_kept[g.index] = kept
+    pruned_groups = [g for g in groups if g.index in group_kept]
+    vkept = _coupled.value_kept(cg, group_kept)
+    group_reads = {c.name: v for g in pruned_groups for c, v, _ in g.consumers}
+    group_err = {g.index: np.zeros(3) for g in pruned_groups}  # Eq. E2 sums: drop, after, energy
+    t = tick("select", t)
+    need_dm = pairs or pruned_groups or (weight_bits is not None and bias_correction)
     dm = None
-    if pairs or (weight_bits is not None and bias_correction):
+    if need_dm:
         dm = DataModel(orig, lazy=True, dtype=np.float64 if exact else np.float32, skip_unread=True)
     t = tick("data model", t)
 
@@ -143,6 +198,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     record_layers = {}
     quantized = {}
     companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
+    _coupled.trim_rows(out, cg, pruned_groups, vkept, in_kept, companion)
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     given_back = 0  # layers [0, given_back) whose original weights are read no more
@@ -154,7 +210,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         wkey = node.params["weight"]
         pair = pair_of.get(onode.name)
         n_out = orig.tensors[onode.params["weight"]].shape[0]
-        bits = None if onode.name in skip else weight_bits
+        bits = _bits(onode.name, weight_bits, bits_of, skip)
+        if onode.name in group_reads:  # Eq. G2-G3: rebuild the pruned channels of the value it reads
+            value = group_reads[onode.name]
+            errs = _coupled.rebuild_value(out, orig, dm, onode, value, vkept[value], method, alpha1, alpha2)
+            _add_group_errors(cg, value, group_kept, errs, group_err)
+            in_kept[onode.name] = vkept[value]
+            t = tick("rewrite", t)
         if pair is None:
             # not prunable: quantize only (+ bias correction)
             if bits is not None:
@@ -173,13 +235,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
 
         # ---- a pair: select, prune rows, quantize, solve, absorb
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
-        W0 = orig.tensors[onode.params["weight"]]
-        crit = criterion.split("-")[0]
-        scores = channel_scores(W0, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(W0, crit)
-        if pair.groups > 1:
-            kept = select_kept_grouped(scores, prune_ratio, pair.groups, gamma=gamma, min_keep=min_keep)
-        else:
-            kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
+        kept = unit_of[pair.name].kept(ratio_of[pair.name])
         t = tick("select", t)
         bn_node = out.node(pair.bn.name)
         keep_outputs(out, node, bn_node, kept)
@@ -244,22 +300,24 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         err0 = float(weights @ objective(st, T0, t0_)) / denom
         err1 = float(weights @ objective(st, T, tt)) / denom
         record_layers[onode.name] = {"channels_before": int(n_out), "channels_after": int(kept.size),
-                                     "kept": [int(i) for i in kept]}
+                                     "kept": [int(i) for i in kept], "prune_ratio": ratio_of[pair.name]}
         if pair.dw is not None:
             record_layers[onode.name]["depthwise"] = pair.dw.name
         if pair.groups > 1:
             record_layers[onode.name]["groups"] = int(pair.groups)
         if pair.se is not None:
             record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
-        reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
+        reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1,
+                                   ratio=ratio_of[pair.name]))
         dm.release(onode.name)
         t = tick("rewrite", t)
     if bar is not None:
         bar.update(len(layer_nodes))
         bar.close()
+    _group_records(pruned_groups, group_kept, group_err, ratio_of, reports, record_layers, unpruned, orig)
 
     if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
-        widths = [orig.shapes[p.producer.output][0] for p in pairs]
+        widths = [orig.shapes[p.producer.output][0] for p in pairs] + [g.size for g in groups]
         warnings.warn(_nothing_pruned(prune_ratio, widths, unpruned, len(layer_nodes), weight_bits),
                       stacklevel=3)  # the caller of compress (through _checked_numerics)
     out.record = {
@@ -267,8 +325,12 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,
         "alpha2": alpha2, "bias_correction": bias_correction, "skip": skip, "min_keep": min_keep,
         "layers": record_layers, "quantized": quantized,
-        "unpruned": dict(unpruned),
+        "unpruned": dict(unpruned), "prune_coupled": prune_coupled,
     }
+    if alloc is not None:
+        out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
+                                "bit_choices": None if bit_choices is None else list(bit_choices),
+                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits)}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
@@ -277,10 +339,19 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     t = tick("validate", t)
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
-                                                   "bias_correction", "skip")}, reports)
+                                                   "bias_correction", "skip", "prune_coupled")}, reports)
     rep.params_before, rep.params_after = orig.param_count(), out.param_count()
     rep.bytes_before, rep.bytes_after = orig.weight_bytes(), out.weight_bytes()
     rep.flops_before, rep.flops_after = orig.flops(), out.flops()
+    if alloc is not None:
+        got = {"macs": (rep.flops_after, rep.flops_before), "params": (rep.params_after, rep.params_before),
+               "bytes": (rep.bytes_after, rep.bytes_before)}[target]
+        achieved = got[0] / got[1]
+        if achieved > fraction:  # the cost model is exact (an upper bound); this is a bug, never a user error
+            raise RuntimeError(f"budget allocation: {target} reached {achieved:.6f} of the original, above the "
+                               f"target {fraction:g} (predicted {alloc.predicted:.6f})")
+        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted}
+        out.record["budget"]["achieved"] = achieved
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
     return out, rep
@@ -308,8 +379,9 @@ def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str
     if not reasons:
         return f"prune ratio {prune_ratio:g} pruned no channel: the model has no conv/linear layer; {done}"
     why, k = reasons.most_common(1)[0]
+    hint = "; prune_coupled=True (--prune-coupled) prunes coupled channels too" if "coupled" in why else ""
     return (f"prune ratio {prune_ratio:g} pruned no channel: none of the {n_layers} conv/linear layers can be pruned "
-            f"without data ({k} of them: {why}); {done}")
+            f"without data ({k} of them: {why}); {done}{hint}")
 
 
 def _prune_se_gate(model: Model, pair, kept, producer: str, companion: dict) -> None:
@@ -393,3 +465,67 @@ def _solved(solver, onode, *args):
     except np.linalg.LinAlgError as e:
         raise NumericError(f"layer {onode.name!r}: the compensation solve failed ({e}); the layer's weights or "
                            "BN statistics are too extreme for this compression") from None
+
+
+def _bits(layer: str, weight_bits, bits_of: dict, skip) -> int | None:
+    """The bit width of ``layer``: None when skipped, the budget's choice
+    for ``weight_bits="auto"``, else ``weight_bits``."""
+    if layer in skip:
+        return None
+    return bits_of.get(layer) if weight_bits == "auto" else weight_bits
+
+
+def _coupled_groups(cg, pairs, skip, unpruned: dict) -> list:
+    """The channel groups ``prune_coupled`` adds to the pairs: not blocked,
+    not a pair's, no producer or depthwise conv in ``skip``.  The reason a
+    producer of a blocked group stays is the group's (``unpruned``)."""
+    pair_groups = {cg.group_of(p.producer.output).index for p in pairs}
+    out = []
+    for g in cg.groups:
+        if g.index in pair_groups or not g.producers:
+            continue
+        if g.blocked:
+            for p in g.producers:
+                if "coupled" in unpruned.get(p.name, ""):
+                    unpruned[p.name] = f"its channel group is not prunable: {g.blocked}"
+            continue
+        if any(n.name in skip for n in g.producers + g.depthwise):
+            continue
+        out.append(g)
+    return out
+
+
+def _add_group_errors(cg, value, group_kept, errs, group_err) -> None:
+    """Accumulate Eq. E2's sums (drop, after, energy; weighted by the column
+    energy ``w``) of each pruned group over the channels of ``value`` it holds."""
+    w, e0, e1, energy = errs
+    off = 0
+    for gi in cg.layout[value]:
+        n = cg.groups[gi].size
+        if gi in group_kept:
+            sl = slice(off, off + n)
+            group_err[gi] += [w[sl] @ e0[sl], w[sl] @ e1[sl], w[sl] @ energy[sl]]
+        off += n
+
+
+def _group_records(pruned_groups, group_kept, group_err, ratio_of, reports, record_layers, unpruned, orig) -> None:
+    """Report and record of the pruned coupled groups: every producer and
+    depthwise conv gets a record entry (kept channels, its group, the
+    group's ratio); the first producer carries the group's Eq. E2 errors."""
+    by_layer = {r.layer: r for r in reports}
+    for g in pruned_groups:
+        kept = group_kept[g.index]
+        ratio = ratio_of[g.name]
+        e0, e1, den = group_err[g.index]
+        den = den or 1.0
+        for n in g.producers + g.depthwise:
+            unpruned.pop(n.name, None)
+            entry = {"channels_before": int(g.size), "channels_after": int(kept.size),
+                     "kept": [int(i) for i in kept], "group": g.name, "prune_ratio": ratio}
+            if n.op == "conv2d" and 1 < n.attrs["groups"] < g.size:
+                entry["groups"] = int(n.attrs["groups"])
+            record_layers[n.name] = entry
+            r = by_layer[n.name]
+            r.ratio = ratio
+            if n.name == g.name:
+                r.error_before, r.error_after = float(e0 / den), float(e1 / den)

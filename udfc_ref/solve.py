@@ -138,9 +138,10 @@ def chain_stats(values, kept) -> PairStats:
     (A4): the kept channels are taken as undamaged (their quantization is not
     modelled across the chain), so C~ = Cov(a_K), X = Cov(a, a_K)."""
     kept = np.asarray(kept)
-    var = np.diag(values.cov).copy()
-    return PairStats(values.mean.copy(), var, values.mean[kept].copy(), values.cov[np.ix_(kept, kept)].copy(),
-                     values.cov[:, kept].copy(), kept)
+    cov = values.cov  # float32 on the fast path: the solve (U1-U4) runs in float64 on both paths
+    var = np.diag(cov).astype(np.float64)
+    return PairStats(values.mean.copy(), var, values.mean[kept].copy(), cov[np.ix_(kept, kept)].astype(np.float64),
+                     cov[:, kept].astype(np.float64), kept)
 
 
 def objective(st: PairStats, T: np.ndarray, t: np.ndarray) -> np.ndarray:
