@@ -28,11 +28,15 @@ from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, keep_rows, shift_output
+from .covselect import select_by_covariance
 from .select import channel_scores, select_kept, select_kept_grouped
-from .solve import chain_stats, drop, neuron_merging, objective, pair_stats, udfc
+from .solve import drop, neuron_merging, objective, udfc
+from .calibrate import MODES as CALIBRATION_MODES
+from .calibrate import CalibratedStats, check_calibration
+from .sources import DataFreeStats, StatsRequest, stats_error
 
 METHODS = ("none", "nm", "udfc")
-CRITERIA = ("l1", "l2", "l1-bn", "l2-bn")
+CRITERIA = ("l1", "l2", "l1-bn", "l2-bn", "cov")
 
 
 def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep):
@@ -76,7 +80,8 @@ def _checked_numerics(fn):
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
-             min_keep: int = 1, progress: bool = False) -> tuple[Model, Report]:
+             min_keep: int = 1, progress: bool = False, calibration=None,
+             calibration_mode: str = "sequential", statistics: str = "independent", _recal=False) -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -93,6 +98,16 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
     progress : show a progress line on stderr when the work takes over a second.
+    calibration : optional (N, C, H, W) float array of unlabeled images of the
+        model's input shape (N >= 2; a memory map is read batch by batch).
+        Given, the pair statistics are measured on these images instead of
+        taken from the data model (derivation section 11, Eq. C1-C4), and the
+        report shows, per pair, the data model's predicted error next to the
+        measured one.  Default None: data-free.
+    calibration_mode : ``"sequential"`` (default): the kept channels come from
+        the network already compressed upstream, the target is the original's
+        activations; ``"independent"``: each pair on the original network's
+        activations.
 
     Returns
     -------
@@ -102,21 +117,32 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
+    if calibration is not None:
+        if calibration_mode not in CALIBRATION_MODES + ("audit",):
+            raise OptionError(f"calibration_mode must be one of {', '.join(CALIBRATION_MODES + ('audit',))}, "
+                              f"got {calibration_mode!r}")
+        check_calibration(model, calibration)
     check_numbers(model)
     t0 = time.perf_counter()
     stages = {}
 
-    dm_seen = [0.0]
+    seen = {"data model": 0.0, "calibration": 0.0}
 
     def tick(name, t):
         """Charge the time since ``t`` to stage ``name``, less what the lazy
-        data model spent inside it (charged to "data model")."""
-        dm_now = dm.seconds if dm is not None else 0.0
-        inside = dm_now - dm_seen[0]
-        dm_seen[0] = dm_now
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - inside
-        stages["data model"] = stages.get("data model", 0.0) + inside
+        data model and the calibration source spent inside it (charged to
+        "data model" / "calibration")."""
+        spent = 0.0
+        for stage, obj in (("data model", dm), ("calibration", source)):
+            now = getattr(obj, "seconds", 0.0) if obj is not None else 0.0
+            inside, seen[stage] = now - seen[stage], now
+            if stage == "data model" or inside:
+                stages[stage] = stages.get(stage, 0.0) + inside
+            spent += inside
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - spent
         return time.perf_counter()
+
+    source = None
 
     orig = model
     out = model.copy(share_tensors=True)  # every rewrite below replaces arrays, never writes into them
@@ -129,6 +155,16 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     t = time.perf_counter()
     dm = DataModel(orig, lazy=True) if pairs or (weight_bits is not None and bias_correction) else None
     t = tick("data model", t)
+    # the statistics source (derivation section 11); with calibration images the data-free one is kept
+    # beside it as the auditor's prediction
+    audit = None  # the other view of the same pairs, for the report: data-free beside measured
+    plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S3
+    if pairs:
+        source = plain if statistics == "independent" else _data_free_source(statistics, orig, out, dm)
+        if calibration is not None and calibration_mode == "audit":  # solve data-free, measure what happens
+            audit = CalibratedStats(orig, out, calibration, "sequential")
+        elif calibration is not None:
+            source, audit = CalibratedStats(orig, out, calibration, calibration_mode), source
 
     qkw = dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip)
     pair_of = {p.producer.name: p for p in pairs}
@@ -137,6 +173,19 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     record_layers = {}
     quantized = {}
     companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
+    finished: set[str] = set()  # such layers, quantized as soon as they are final (before their own visit)
+
+    def finish(lnode):
+        """Quantize (and bias-correct) a layer whose rows went with a pair's
+        channels as soon as its weights are final, so that statistics read
+        from the compressed model see it as it will be saved."""
+        finished.add(lnode.name)
+        if lnode.name not in skip and weight_bits is not None:
+            cnode = out.node(lnode.name)
+            eps = _quantize_layer(out, cnode, weight_bits, qkw, quantized)
+            if bias_correction:
+                _bias_correct(out, cnode, eps, dm, lnode, in_kept.get(lnode.name))
+
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     for step, onode in enumerate(layer_nodes):
@@ -149,10 +198,15 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         bits = None if onode.name in skip else weight_bits
         if pair is None:
             # not prunable: quantize only (+ bias correction)
-            if bits is not None:
+            if onode.name in finished:  # a chain's / gate's layer, quantized with its pair: keep the record order
+                if onode.name in quantized:
+                    quantized[onode.name] = quantized.pop(onode.name)
+            elif bits is not None:
                 eps = _quantize_layer(out, node, bits, qkw, quantized)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
+            if _recal and source is not None and onode.name not in finished and hasattr(source, "value_stats"):
+                _recalibrate(out, orig, onode, source)
             if dm is not None:
                 dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
@@ -165,10 +219,17 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         # ---- a pair: select, prune rows, quantize, solve, absorb
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
         W0 = orig.tensors[onode.params["weight"]]
-        crit = criterion.split("-")[0]
+        crit = "l1" if criterion == "cov" else criterion.split("-")[0]
         scores = channel_scores(W0, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(W0, crit)
+        weights = np.zeros(n_out)  # the consumers' column energies w_i of Eq. E2
+        for c in pair.consumers:
+            wc = orig.tensors[c.node.params["weight"]]
+            weights += (wc.astype(np.float64).reshape(wc.shape[0], n_out, -1) ** 2).sum(axis=(0, 2))
         if pair.groups > 1:
             kept = select_kept_grouped(scores, prune_ratio, pair.groups, gamma=gamma, min_keep=min_keep)
+        elif criterion == "cov":  # Eq. S3: the channels the others are best rebuilt from
+            cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
+            kept = select_by_covariance(cov, weights, prune_ratio, scores, gamma=gamma, min_keep=min_keep)
         else:
             kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
         t = tick("select", t)
@@ -179,30 +240,36 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
         Wd = dense_filters(orig, onode)  # (N, C, R) original filters, original coordinates
+        ik = in_kept.get(onode.name)
+        if pair.dw is not None:
+            # depthwise chain: the depthwise channel and its BN go with the producer channel
+            dw = out.node(pair.dw.name)
+            if pair.bn2 is not None:
+                keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+            else:
+                keep_rows(out, dw, kept)
+            dw.attrs["groups"] = int(kept.size)
+            in_kept[dw.name] = kept
+            finish(pair.dw)  # final now: quantized before the chain's statistics are read
+        extra = None
+        if eps_w is not None and bias_correction:
+            extra = -_bias_correct(out, node, eps_w, dm, onode, ik)
+        req = functools.partial(StatsRequest, pair, kept, Wd=Wd, Wq=_embedded_filters(Wd, kept, eps_w, ik, pair.groups),
+                                gamma=gamma, beta=beta, extra=extra)
         st_gap = None
-        if pair.dw is not None or pair.se is not None:
-            if pair.dw is not None:
-                # depthwise chain: the depthwise channel and its BN go with the producer channel
-                dw = out.node(pair.dw.name)
-                if pair.bn2 is not None:
-                    keep_outputs(out, dw, out.node(pair.bn2.name), kept)
-                else:
-                    keep_rows(out, dw, kept)
-                dw.attrs["groups"] = int(kept.size)
-                in_kept[dw.name] = kept
-            if eps_w is not None and bias_correction:
-                _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
-            if pair.se is not None:
-                # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the
-                # rebuilt pre-gate channels through the GAP (statistics read before the lazy data
-                # model drops them behind the mul)
-                st_gap = chain_stats(dm.value(pair.se.value), kept)
-                _prune_se_gate(out, pair, kept, onode.name, companion)
-            vs = dm.value(pair.value)
-            st = chain_stats(vs, kept) if vs is not None else st_gap
-        else:
-            st = _pair_stats(Wd, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
-                             out if bias_correction else None, node)
+        if pair.se is not None:
+            # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the rebuilt
+            # pre-gate channels through the GAP (asked for before the gated value, which depends on it)
+            st_gap = source.stats(req(which="gap"))
+            if audit is not None:
+                audit.stats(req(which="gap"))
+            _prune_se_gate(out, pair, kept, onode.name, companion)
+            finish(pair.se.excite)
+            if method == "udfc":
+                _absorb_squeeze(out, orig, pair, kept, *_solved(udfc, onode, st_gap, n_out, alpha1, alpha2), in_kept)
+                finish(pair.se.squeeze)
+        st = source.stats(req(which="value"))
+        st_other = audit.stats(req(which="value")) if audit is not None else None
         if method == "udfc" and not all(np.all(np.isfinite(v)) for v in (st.mean_a, st.var_a, st.mean_q, st.cov_q,
                                                                         st.cross)):
             raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
@@ -215,18 +282,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
-        if st_gap is not None:
-            Ta, ta = udfc(st_gap, n_out, alpha1, alpha2) if method == "udfc" else (T, tt)
-            sq = pair.se.squeeze
-            absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
-            in_kept[sq.name] = kept
+        if pair.se is not None and method != "udfc":
+            _absorb_squeeze(out, orig, pair, kept, T, tt, in_kept)  # nm / none: the same T for the squeeze
+            finish(pair.se.squeeze)
         t = tick("solve", t)
         _resize_reshapes(out, pair.reshapes, kept.size)
-        weights = np.zeros(n_out)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            cw = wc.astype(np.float64).reshape(wc.shape[0], n_out, -1)
-            weights += (cw**2).sum(axis=(0, 2))
             absorb(out, out.node(c.node.name), T, tt, wc.dtype)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
@@ -242,12 +304,24 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             record_layers[onode.name]["groups"] = int(pair.groups)
         if pair.se is not None:
             record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
-        reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1))
+        lrep = LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1)
+        if st_other is not None:  # the auditor's view: the data model's prediction beside the measurement
+            st_pred, st_real = (st, st_other) if calibration_mode == "audit" else (st_other, st)
+            lrep.predicted_before, lrep.predicted_after = _e2(weights, st_pred, T0, t0_, T, tt)
+            lrep.measured_before, lrep.measured_after = _e2(weights, st_real, T0, t0_, T, tt)
+            lrep.stats_error = stats_error(st_pred, st_real)
+        reports.append(lrep)
         dm.release(onode.name)
+        source.release(onode.name)
+        if audit is not None:
+            audit.release(onode.name)
         t = tick("rewrite", t)
     if bar is not None:
         bar.update(len(layer_nodes))
         bar.close()
+    for src in (source, audit):
+        if src is not None:
+            src.close()
 
     if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
         widths = [orig.shapes[p.producer.output][0] for p in pairs]
@@ -260,6 +334,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "layers": record_layers, "quantized": quantized,
         "unpruned": dict(unpruned),
     }
+    if calibration is not None:
+        out.record["calibration"] = {"mode": calibration_mode, "images": int(calibration.shape[0])}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
@@ -269,6 +345,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
                                                    "bias_correction", "skip")}, reports)
+    if calibration is not None:
+        rep.options["calibration"] = out.record["calibration"]
     rep.params_before, rep.params_after = orig.param_count(), out.param_count()
     rep.bytes_before, rep.bytes_after = orig.weight_bytes(), out.weight_bytes()
     rep.flops_before, rep.flops_after = orig.flops(), out.flops()
@@ -310,16 +388,53 @@ def _resize_reshapes(model: Model, nodes, n_kept: int) -> None:
         node.attrs["shape"] = [int(n_kept)] + list(node.attrs["shape"][1:])
 
 
-def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
-    """Eq. D4-D5: the pair's statistics, with the quantization error of the
-    kept filters embedded in the original input coordinates (``Wd``: the
-    original filters as (N, C, R))."""
+def _recalibrate(out, orig, onode, source):
+    cs = orig.consumers(onode.output)
+    if len(cs) != 1 or cs[0].op != "batch_norm" or onode.output == orig.output_name:
+        return
+    bn = cs[0]
+    st = source.value_stats(bn.output)
+    if st is None:
+        return
+    vq = np.diag(st.cov_q)
+    n = vq.size
+    s = np.where(vq > 0, st.cross[np.arange(n), np.arange(n)] / np.where(vq > 0, vq, 1.0), 1.0)
+    t = st.mean_a - s * st.mean_q
+    cbn = out.node(bn.name)
+    g, b = out.tensors[cbn.params["weight"]], out.tensors[cbn.params["bias"]]
+    out.tensors[cbn.params["weight"]] = (g.astype(np.float64) * s).astype(g.dtype)
+    out.tensors[cbn.params["bias"]] = (b.astype(np.float64) * s + t).astype(b.dtype)
+
+
+def _e2(weights, st, T0, t0, T, t) -> tuple[float, float]:
+    """Eq. E2 of dropping (T0, t0) and of the method's (T, t) under ``st``."""
+    denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
+    return float(weights @ objective(st, T0, t0)) / denom, float(weights @ objective(st, T, t)) / denom
+
+
+def _data_free_source(statistics, orig, out, dm):
+    """The data-free statistics source named by ``statistics`` (section 11)."""
+    if statistics == "independent":
+        return DataFreeStats(dm)
+    if statistics.startswith("field"):
+        from .fieldmodel import FieldStats
+
+        return FieldStats(orig, out, sequential=statistics == "field-joint")
+    from .jointmodel import JointStats
+
+    return JointStats(orig, out, sequential=statistics == "joint")
+
+
+def _embedded_filters(Wd, kept, eps_w, ik, groups) -> np.ndarray:
+    """Eq. D4: the compressed kept filters in the original input coordinates,
+    (M, C, R): ``W[kept]`` with the quantization error ``eps_w`` embedded at
+    the kept input channels ``ik`` (all when None); a grouped producer's error
+    laid out densely (Eq. D1)."""
     Wq = Wd[kept].copy()
-    extra = None
     if eps_w is not None:
         E = eps_w.reshape(kept.size, -1, Wd.shape[2])
-        if pair.groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
-            og, cg = Wd.shape[0] // pair.groups, E.shape[1]
+        if groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
+            og, cg = Wd.shape[0] // groups, E.shape[1]
             cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]
             dense = np.zeros((kept.size,) + Wd.shape[1:])
             dense[np.arange(kept.size)[:, None], cols, :] = E
@@ -328,9 +443,14 @@ def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, nod
             Wq += E
         else:
             Wq[:, ik, :] += E
-        if bc_model is not None:
-            extra = -_bias_correct(bc_model, node, eps_w, dm, onode, ik)
-    return pair_stats(Wd, Wq, dm.input_model(onode.name), gamma, beta, pair.act, kept, extra_shift=extra)
+    return Wq
+
+
+def _absorb_squeeze(out: Model, orig: Model, pair, kept, Ta, ta, in_kept) -> None:
+    """Eq. SE2: the SE gate's squeeze absorbs the rebuilding of its input."""
+    sq = pair.se.squeeze
+    absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
+    in_kept[sq.name] = kept
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
