@@ -55,19 +55,21 @@ MAX_BATCH = 256
 
 # ----------------------------------------------------------------- input
 
-def check_calibration(model: Model, x) -> None:
-    """Raise OptionError unless ``x`` is a float (N, C, H, W) array of the
-    model's input shape with N >= 2 (finiteness is checked batch by batch)."""
+def check_calibration(model: Model, x, where: str = "calibration", error=OptionError) -> None:
+    """Raise ``error`` (OptionError) unless ``x`` is a float (N, C, H, W)
+    array of the model's input shape with N >= 2 (finiteness is checked batch
+    by batch); ``where`` names the images in the message (the CLI: the file
+    and its array)."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None or len(shape) != 4 or np.dtype(dtype).kind != "f":
-        raise OptionError(f"calibration must be a float (N, C, H, W) array of images, got "
-                          f"{type(x).__name__} {'' if shape is None else tuple(shape)} {dtype or ''}".rstrip())
+        raise error(f"{where} must be a float (N, C, H, W) array of images, got "
+                    f"{type(x).__name__} {'' if shape is None else tuple(shape)} {dtype or ''}".rstrip())
     if tuple(shape[1:]) != tuple(model.input_shape):
-        raise OptionError(f"calibration images have shape {tuple(shape[1:])}, the model's input "
-                          f"{model.input_name!r} takes {tuple(model.input_shape)}")
+        raise error(f"{where}: the images have shape {tuple(shape[1:])}, the model's input "
+                    f"{model.input_name!r} takes {tuple(model.input_shape)}")
     if shape[0] < 2:
-        raise OptionError(f"calibration needs at least 2 images (covariances), got {shape[0]}")
+        raise error(f"{where} needs at least 2 images (covariances), got {shape[0]}")
 
 
 def load_calibration(path) -> np.ndarray:
@@ -98,6 +100,12 @@ def load_calibration(path) -> np.ndarray:
                               "array x") from None
     if x.ndim != 4 or x.dtype.kind != "f":
         raise FormatError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
+    step = max(1, BATCH_BYTES // max(1, x[:1].nbytes))
+    for s in range(0, x.shape[0], step):  # before any work, in bounded memory
+        xb = np.asarray(x[s:s + step])
+        if not np.all(np.isfinite(xb)):
+            bad = s + int(np.nonzero(~np.isfinite(xb.reshape(xb.shape[0], -1)).all(axis=1))[0][0])
+            raise FormatError(f"{path}: 'x' holds NaN/Inf (image {bad})")
     return x
 
 
@@ -164,6 +172,7 @@ class _Store:
         self._tmp = None
         self.peak = 0
         self.spilled = 0
+        self._files = 0  # a new name per file: a name is never reused while a map of it may live
 
     def new(self, key: str, shape, dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -174,7 +183,8 @@ class _Store:
         else:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="udfc-calib-")
-            fn = os.path.join(self._tmp.name, f"{len(os.listdir(self._tmp.name))}.bin")
+            self._files += 1
+            fn = os.path.join(self._tmp.name, f"{self._files}.bin")
             a = np.memmap(fn, dtype=dtype, mode="w+", shape=tuple(shape))
             self.spilled += nbytes
         self.arrays[key] = a
@@ -334,10 +344,15 @@ def _subgraph(model: Model, producer: Node, target: str) -> list[Node]:
     return out
 
 
-def embedded_bias(orig, req):
-    from .jointmodel import embedded_bias as eb
-
-    return eb(orig, req)
+def embedded_bias(orig: Model, req: StatsRequest) -> np.ndarray | None:
+    """(M,) pre-BN constant of a pair's kept channels in the independent
+    model (Eq. C4): the original bias at the kept channels plus ``req.extra``
+    (the pair's own bias-correction shift); None when both are absent."""
+    b = orig.param(req.pair.producer, "bias")
+    b = None if b is None else b.astype(np.float64)[req.kept]
+    if req.extra is not None:
+        b = req.extra if b is None else b + req.extra
+    return b
 
 
 class CalibratedStats:
@@ -426,18 +441,6 @@ class CalibratedStats:
             a = rows(self.onet.read(target, s, e))
             mom.add(a, a)
         return mom.stats(np.arange(mom.ma.shape[0])).cov_q
-
-    def value_stats(self, value: str):
-        if self.mode != "sequential":
-            return None
-        self.onet.ensure([value])
-        self.cnet.ensure([value])
-        mom = Moments()
-        for s, e in self.onet.batches():
-            mom.add(rows(self.onet.read(value, s, e)), rows(self.cnet.read(value, s, e)))
-        self.cnet.collect()
-        self.onet.collect()
-        return mom.stats(np.arange(mom.mq.shape[0]))
 
     def release(self, layer: str) -> None:
         self.onet.unhold()

@@ -81,7 +81,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
              min_keep: int = 1, progress: bool = False, calibration=None,
-             calibration_mode: str = "sequential", statistics: str = "independent", _recal=False) -> tuple[Model, Report]:
+             calibration_mode: str = "sequential") -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -160,7 +160,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     audit = None  # the other view of the same pairs, for the report: data-free beside measured
     plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S3
     if pairs:
-        source = plain if statistics == "independent" else _data_free_source(statistics, orig, out, dm)
+        source = plain
         if calibration is not None and calibration_mode == "audit":  # solve data-free, measure what happens
             audit = CalibratedStats(orig, out, calibration, "sequential")
         elif calibration is not None:
@@ -205,8 +205,6 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 eps = _quantize_layer(out, node, bits, qkw, quantized)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
-            if _recal and source is not None and onode.name not in finished and hasattr(source, "value_stats"):
-                _recalibrate(out, orig, onode, source)
             if dm is not None:
                 dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
@@ -388,41 +386,10 @@ def _resize_reshapes(model: Model, nodes, n_kept: int) -> None:
         node.attrs["shape"] = [int(n_kept)] + list(node.attrs["shape"][1:])
 
 
-def _recalibrate(out, orig, onode, source):
-    cs = orig.consumers(onode.output)
-    if len(cs) != 1 or cs[0].op != "batch_norm" or onode.output == orig.output_name:
-        return
-    bn = cs[0]
-    st = source.value_stats(bn.output)
-    if st is None:
-        return
-    vq = np.diag(st.cov_q)
-    n = vq.size
-    s = np.where(vq > 0, st.cross[np.arange(n), np.arange(n)] / np.where(vq > 0, vq, 1.0), 1.0)
-    t = st.mean_a - s * st.mean_q
-    cbn = out.node(bn.name)
-    g, b = out.tensors[cbn.params["weight"]], out.tensors[cbn.params["bias"]]
-    out.tensors[cbn.params["weight"]] = (g.astype(np.float64) * s).astype(g.dtype)
-    out.tensors[cbn.params["bias"]] = (b.astype(np.float64) * s + t).astype(b.dtype)
-
-
 def _e2(weights, st, T0, t0, T, t) -> tuple[float, float]:
     """Eq. E2 of dropping (T0, t0) and of the method's (T, t) under ``st``."""
     denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
     return float(weights @ objective(st, T0, t0)) / denom, float(weights @ objective(st, T, t)) / denom
-
-
-def _data_free_source(statistics, orig, out, dm):
-    """The data-free statistics source named by ``statistics`` (section 11)."""
-    if statistics == "independent":
-        return DataFreeStats(dm)
-    if statistics.startswith("field"):
-        from .fieldmodel import FieldStats
-
-        return FieldStats(orig, out, sequential=statistics == "field-joint")
-    from .jointmodel import JointStats
-
-    return JointStats(orig, out, sequential=statistics == "joint")
 
 
 def _embedded_filters(Wd, kept, eps_w, ik, groups) -> np.ndarray:

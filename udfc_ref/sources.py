@@ -11,8 +11,6 @@ rewrite, the report) is shared by every source:
 * :class:`DataFreeStats` -- the data model of the original network
   (Eq. D4-D5 for a producer -> BN -> activation pair, ``chain_stats`` for a
   depthwise chain or an SE gate);
-* ``jointmodel.JointStats`` -- the joint data model of the original and the
-  compressed network (Eq. J1-J6);
 * ``calibrate.CalibratedStats`` -- moments measured on calibration images
   (Eq. C1-C3).
 
