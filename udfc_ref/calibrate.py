@@ -102,11 +102,17 @@ def load_calibration(path) -> np.ndarray:
         raise FormatError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
     step = max(1, BATCH_BYTES // max(1, x[:1].nbytes))
     for s in range(0, x.shape[0], step):  # before any work, in bounded memory
-        xb = np.asarray(x[s:s + step])
-        if not np.all(np.isfinite(xb)):
-            bad = s + int(np.nonzero(~np.isfinite(xb.reshape(xb.shape[0], -1)).all(axis=1))[0][0])
-            raise FormatError(f"{path}: 'x' holds NaN/Inf (image {bad})")
+        bad = _first_nonfinite(np.asarray(x[s:s + step]))
+        if bad is not None:
+            raise FormatError(f"{path}: 'x' holds NaN/Inf (image {s + bad})")
     return x
+
+
+def _first_nonfinite(xb: np.ndarray) -> int | None:
+    """Index of the first image of the batch ``xb`` (B, ...) holding NaN/Inf, or None."""
+    if np.all(np.isfinite(xb)):
+        return None
+    return int(np.nonzero(~np.isfinite(xb.reshape(xb.shape[0], -1)).all(axis=1))[0][0])
 
 
 # ----------------------------------------------------------------- moments (Eq. C1)
@@ -243,9 +249,9 @@ class Network:
 
     def input_batch(self, s: int, e: int) -> np.ndarray:
         xb = np.ascontiguousarray(self.x[s:e])
-        if not np.all(np.isfinite(xb)):
-            bad = s + int(np.nonzero(~np.isfinite(xb.reshape(xb.shape[0], -1)).all(axis=1))[0][0])
-            raise OptionError(f"calibration images hold NaN/Inf (image {bad})")
+        bad = _first_nonfinite(xb)
+        if bad is not None:
+            raise OptionError(f"calibration images hold NaN/Inf (image {s + bad})")
         return xb
 
     def read(self, value: str, s: int, e: int, local=None):
