@@ -183,6 +183,7 @@ def test_audit_mode_compresses_data_free_and_measures():
     assert [r.error_after for r in pairs] == [r.error_after for r in rep_free.layers if r.error_after is not None]
     text = rep.format()
     assert "measured" in text and "predicted" in text and "audit" in text
+    assert rep.stage_seconds["calibration"] > 0 and "calibration" not in rep_free.stage_seconds
 
 
 def test_moments_merge_matches_numpy():

@@ -133,7 +133,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         data model and the calibration source spent inside it (charged to
         "data model" / "calibration")."""
         spent = 0.0
-        for stage, obj in (("data model", dm), ("calibration", source)):
+        measured = source if isinstance(source, CalibratedStats) else audit  # the images' work, in any mode
+        for stage, obj in (("data model", dm), ("calibration", measured)):
             now = getattr(obj, "seconds", 0.0) if obj is not None else 0.0
             inside, seen[stage] = now - seen[stage], now
             if stage == "data model" or inside:
@@ -142,7 +143,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - spent
         return time.perf_counter()
 
-    source = None
+    source = audit = None
 
     orig = model
     out = model.copy(share_tensors=True)  # every rewrite below replaces arrays, never writes into them
