@@ -153,8 +153,8 @@ def tables(rows, variants=None) -> str:
                "definition: same kept channels, quantizer, solver, alphas) is the data-free target; the "
                "calibrated sequential mode should be within 1.5 points of the original.\n")
     out.append("| model | original | before | target (half gap) | best data-free | | oracle-seq | "
-               "oracle-seq+cov | orig - oracle-seq+cov |")
-    out.append("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+               "orig - oracle-seq | oracle-seq+cov | orig - oracle-seq+cov |")
+    out.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for name in models:
         o = _get(ix, name, 0.0, None, "original")
         b = _get(ix, name, 0.5, 6, "before")
@@ -169,7 +169,7 @@ def tables(rows, variants=None) -> str:
         ok = best is not None and free[best] >= target
         best_txt = "-" if best is None else f"{free[best]:.1f} ({best})"
         out.append(f"| {name} | {o:.1f} | {b:.1f} | {target:.1f} | {best_txt} | "
-                   f"{'reached' if ok else 'not reached'} | {s:.1f} | {'-' if sc is None else f'{sc:.1f}'} | "
+                   f"{'reached' if ok else 'not reached'} | {s:.1f} | {o - s:.1f} | {'-' if sc is None else f'{sc:.1f}'} | "
                    f"{'-' if sc is None else f'{o - sc:.1f}'} |")
     out.append("")
     # 2. per model: top-1 of every variant
