@@ -107,7 +107,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     calibration_mode : ``"sequential"`` (default): the kept channels come from
         the network already compressed upstream, the target is the original's
         activations; ``"independent"``: each pair on the original network's
-        activations.
+        activations; ``"audit"``: compress data-free (the images change
+        nothing in the model) and report the measured errors beside it.
 
     Returns
     -------
