@@ -87,11 +87,8 @@ def nchw(x):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-@pytest.fixture(scope="module", params=list(ZOO))
-def zoo(request, tmp_path_factory):
-    """Per model: the Keras model, a random batch, Keras' output and logits, the saved
-    .keras file, and the model compressed at 30 % + 6-bit."""
-    name = request.param
+def build(name):
+    """The application ``name`` randomised (seeded by its name) and a batch of two inputs."""
     cls, kw = ZOO[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     km = cls(weights=None, classes=10, **kw)
@@ -99,6 +96,15 @@ def zoo(request, tmp_path_factory):
     x = rng.uniform(0, 255, size=(2,) + kw["input_shape"]).astype("float32")
     if not isinstance(km.layers[1], L.Rescaling):  # models without their own preprocessing
         x = (x - 127.5) / 64.0
+    return km, x
+
+
+@pytest.fixture(scope="module", params=list(ZOO))
+def zoo(request, tmp_path_factory):
+    """Per model: the Keras model, a random batch, Keras' output and logits, the saved
+    .keras file, and the model compressed at 30 % + 6-bit."""
+    name = request.param
+    km, x = build(name)
     path = str(tmp_path_factory.mktemp(name) / f"{name}.keras")
     km.save(path)
     out = {"name": name, "keras": km, "x": x, "path": path,
@@ -142,3 +148,40 @@ def test_compressed_back_to_keras(zoo, tmp_path):
     back = ck.read(out)
     assert set(back.tensors) == set(small.tensors)
     assert {n.name for n in back.nodes} == {n.name for n in small.nodes}
+
+
+def _table(tmp):  # pragma: no cover - `python tests/test_zoo_keras.py` prints the per-model measurements
+    import time
+
+    rows = []
+    for name in ZOO:
+        km, x = build(name)
+        path = os.path.join(tmp, f"{name}.keras")
+        km.save(path)
+        y = keras.ops.convert_to_numpy(km(x, training=False))
+        t0 = time.perf_counter()
+        model = ck.read(path)
+        ti = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        small, _ = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
+        tc = time.perf_counter() - t0
+        out = os.path.join(tmp, f"{name}_small.keras")
+        t0 = time.perf_counter()
+        ck.save_keras(small, out)
+        te = time.perf_counter() - t0
+        k = keras.saving.load_model(out)
+        back = rel(keras.ops.convert_to_numpy(k(x, training=False)), small.forward(nchw(x)))
+        layers = [n.name for n in model.nodes if n.op in ("conv2d", "linear")]
+        rows.append(f"| {name} | {rel(model.forward(nchw(x)), y):.1e} | {back:.1e} | "
+                    f"{len(small.record.get('layers', {}))} / {len(layers)} | {small.flops() / model.flops():.3f} | "
+                    f"{small.param_count() / model.param_count():.3f} | {ti:.2f} | {tc:.2f} | {te:.2f} |")
+    head = ("| model | import parity | round-trip parity | layers pruned / conv+linear | MACs kept | params kept | "
+            "import s | compress s | export .keras s |\n|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        print(_table(d))

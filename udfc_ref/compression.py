@@ -94,7 +94,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     method : ``"none"`` (drop / round), ``"nm"`` (Neuron Merging) or ``"udfc"``.
     criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma.
     per_tensor, asymmetric, mse_clip : quantizer options (``quantize.py``).
-    alpha1, alpha2 : UDFC regularisation weights (Eq. U2-U3).
+    alpha1, alpha2 : UDFC regularisation weights (Eq. U0-U2).
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
     progress : show a progress line on stderr when the work takes over a second.

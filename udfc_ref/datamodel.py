@@ -120,14 +120,11 @@ class InputModel:
         return spatial_correlation(self.pos, self.rho_s)
 
     def cov_times(self, f: np.ndarray) -> np.ndarray:
-        """(Sigma_x F^T) arranged as (n, K, C): BLAS matmuls only.  Any Gram
+        """(Sigma_x F^T) arranged as (n, K, C), see :func:`cov_times`.  Any Gram
         matrix is then ``cov_times(F1).reshape(n1, -1) @ F2^T`` with F2 laid out
         as (n2, K, C)."""
-        n, c, k = f.shape
-        a = (f.transpose(0, 2, 1).reshape(n * k, c) @ self.cov_c).reshape(n, k, c)
-        if k > 1 and self.rho_s > 0:
-            a = (self.r_s() @ a.transpose(1, 0, 2).reshape(k, n * c)).reshape(k, n, c).transpose(1, 0, 2)
-        return a
+        r = self.r_s() if f.shape[2] > 1 and self.rho_s > 0 else None
+        return cov_times(f, self.cov_c, r)
 
     def gram(self, f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
         a = self.cov_times(f1)
@@ -141,23 +138,47 @@ class InputModel:
         return np.einsum("nck,c->n", f, self.mean_c)
 
 
+def cov_times(f: np.ndarray, cov_c: np.ndarray, r: np.ndarray | None) -> np.ndarray:
+    """Sigma_x F^T for ``Sigma_x = C_in (x) R`` (Eq. A2), the one product every
+    second moment of a layer's output is built from (D3, D4, D6).
+
+    Parameters
+    ----------
+    f : (n, C, K) filters.
+    cov_c : (C, C) channel covariance ``C_in``.
+    r : (K, K) spatial matrix, a stack (G, K, K) of them (one batched BLAS
+        product for all G), or None for the identity.
+
+    Returns
+    -------
+    (n, K, C), or (G, n, K, C) for a stack: ``out[.., i, p, c] =
+    sum_{c', q} C_in[c, c'] R[p, q] F[i, c', q]``.
+    """
+    n, c, k = f.shape
+    a = (f.transpose(0, 2, 1).reshape(n * k, c) @ cov_c).reshape(n, k, c)  # channel half: F C_in
+    if r is None:
+        return a
+    b = r @ a.transpose(1, 0, 2).reshape(k, n * c)  # spatial half: R (F C_in), (..., K, n C)
+    return np.moveaxis(b.reshape(r.shape[:-2] + (k, n, c)), -3, -2)
+
+
 def fit_rho_s(f: np.ndarray, cov_c: np.ndarray, pos: np.ndarray, bn_var: np.ndarray) -> float:
-    """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii)."""
+    """Eq. D3: rho_s minimising the spread of log(bn_var_i / (W Sigma_x(rho) W^T)_ii).
+
+    The BN running variances are the only BN statistic the data model reads
+    (A3); all grid values are evaluated in one batched product."""
     if pos.shape[0] == 1:
         return 0.0
-    n, c, k = f.shape
-    a = (f.transpose(0, 2, 1).reshape(n * k, c) @ cov_c).reshape(n, k, c).transpose(1, 0, 2).reshape(k, n * c)
-    ft = f.transpose(0, 2, 1)
+    r = np.stack([spatial_correlation(pos, rho) for rho in RHO_GRID])
+    q = np.einsum("gnkc,nck->gn", cov_times(f, cov_c, r), f)  # (G, n): diag(W Sigma_x(rho) W^T)
     live = bn_var > 0
     best, best_err = 0.0, np.inf
-    for rho in RHO_GRID:
-        b = (spatial_correlation(pos, rho) @ a).reshape(k, n, c).transpose(1, 0, 2)
-        q = np.einsum("nkc,nkc->n", b, ft)
-        ok = live & (q > 0)
+    for rho, qg in zip(RHO_GRID, q):
+        ok = live & (qg > 0)
         if ok.sum() < 2:
             continue
-        r = np.log(bn_var[ok]) - np.log(q[ok])
-        err = float(np.var(r))
+        d = np.log(bn_var[ok]) - np.log(qg[ok])
+        err = float(np.var(d))
         if err < best_err - 1e-12:
             best, best_err = float(rho), err
     return best
@@ -175,21 +196,32 @@ def bn_affine(model: Model, bn: Node):
 def lag_correlation(f: np.ndarray, im: "InputModel", stride) -> float:
     """Eq. D6: lag-1 spatial correlation of a conv's output, variance weighted
     over channels, for input correlation ``im.rho_s`` (horizontal and vertical
-    lags averaged; an output lag of 1 is an input lag of ``stride``)."""
+    lags averaged; an output lag of 1 is an input lag of ``stride``):
+    ``sum_i W_i Cov(x(0), x(stride e)) W_i^T / sum_i W_i Sigma_x W_i^T`` with
+    ``Cov(x_p(0), x_q(s e))[p, q] = C_in rho^(|p - q - s e|_1)`` (Manhattan, D2;
+    ``0^0 = 1``: a white input still gives correlated outputs where the
+    receptive fields overlap).  Kept in [0, 0.99] like every rho."""
     den = im.gram_diag(f).sum()
-    if den <= 0 or im.rho_s <= 0:
+    if den <= 0:
         return 0.0
-    n, c, k = f.shape
-    a = (f.transpose(0, 2, 1).reshape(n * k, c) @ im.cov_c).reshape(n, k, c).transpose(1, 0, 2).reshape(k, n * c)
-    ft = f.transpose(0, 2, 1)
-    num = 0.0
-    for axis, s in ((0, stride[0]), (1, stride[1])):
-        shift = np.zeros(2)
-        shift[axis] = s
-        d = np.abs(im.pos[:, None, :] - im.pos[None, :, :] - shift).sum(-1)
-        b = (np.power(im.rho_s, d).T @ a).reshape(k, n, c).transpose(1, 0, 2)
-        num += float(np.einsum("nkc,nkc->", b, ft)) / 2
+    shifts = np.diag(np.asarray(stride, dtype=np.float64)[:2])  # (2, 2): vertical, horizontal
+    d = np.abs(im.pos[None, :, None, :] - im.pos[None, None, :, :] - shifts[:, None, None, :]).sum(-1)
+    num = np.einsum("gnkc,nck->", cov_times(f, im.cov_c, np.power(im.rho_s, d)), f) / 2
     return float(np.clip(num / den, 0.0, 0.99))
+
+
+def pool_lag_correlation(rho: float, kernel, stride) -> float:
+    """Eq. D8: lag-1 correlation of a k x k pool's output (stride s) for an
+    input field with correlation ``rho^(|dy| + |dx|)``, horizontal and vertical
+    averaged:  ``sum_{a,b<k} rho^|s + b - a| / sum_{a,b<k} rho^|b - a|`` per axis
+    (exact for an average pool of such a field, e.g. rho (1 + rho) / 2 for
+    2 x 2 stride 2, padding and borders aside; max pooling uses Eq. D8')."""
+    out = 0.0
+    for k, s in zip(kernel[:2], stride[:2]):
+        a = np.arange(k)
+        lag = a[None, :] - a[:, None]
+        out += np.power(rho, np.abs(s + lag)).sum() / np.power(rho, np.abs(lag)).sum() / 2
+    return float(np.clip(out, 0.0, 0.99))
 
 
 def _corr(cov: np.ndarray) -> np.ndarray:
@@ -214,7 +246,8 @@ def activation_stats(mean: np.ndarray, cov: np.ndarray, act: str, rho=None) -> V
         tail = np.clip(v - (c**2).sum(0), 0, None)
         num = (np.power(rho, np.arange(1, c.shape[0] + 1))[:, None] * c**2).sum() + rho ** (c.shape[0] + 1) * tail.sum()
         rho_out = float(np.clip(num / v.sum(), 0.0, 0.99))
-    return ValueStats(m, activation_covariance(_corr(cov), c, c, v, v, same=True), rho_out)
+    cov_out = activation_covariance(_corr(cov), c, c, v, v, same=True, marginals=(mean, std, mean, std, act))
+    return ValueStats(m, cov_out, rho_out)
 
 
 class DataModel:
@@ -339,8 +372,12 @@ class DataModel:
             s = ins[0]
             if s is None:
                 return None
-            stride = max(n.attrs["stride"])
-            return ValueStats(s.mean, s.cov, None if s.rho is None else float(s.rho**stride))  # Eq. D8
+            rho = s.rho
+            if rho is not None and n.op == "avg_pool2d":
+                rho = pool_lag_correlation(rho, n.attrs["kernel"], n.attrs["stride"])  # Eq. D8
+            elif rho is not None:
+                rho = float(np.mean(np.power(rho, n.attrs["stride"][:2])))  # Eq. D8': max pool, measured choice
+            return ValueStats(s.mean, s.cov, rho)
         if n.op == "global_avg_pool":
             return None if ins[0] is None else ValueStats(ins[0].mean, ins[0].cov, None)
         if n.op in ("add", "concat"):

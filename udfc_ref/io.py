@@ -314,7 +314,10 @@ _RECORD_FIELDS = {
 #: per-layer entries of ``layers`` and ``quantized``
 _RECORD_ENTRY_FIELDS = {
     "layers": {"channels_before": ("an int", _is_int), "channels_after": ("an int", _is_int),
-               "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str))},
+               "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str)),
+               "groups": ("an int", _is_int),
+               "se": ("an object {'squeeze': name, 'excite': name}",
+                      lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("squeeze", "excite")))},
     "quantized": {"tensor": ("a string", lambda v: isinstance(v, str)), "bits": ("an int", _is_int),
                   "symmetric": ("true or false", lambda v: isinstance(v, bool)),
                   "per_channel": ("true or false", lambda v: isinstance(v, bool))},

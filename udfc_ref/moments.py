@@ -12,8 +12,12 @@ The covariance uses Mehler's expansion in Hermite polynomials (Eq. M3)::
     c_n(f_i) = E[f(beta_i + gamma_i u) He_n(u)] / sqrt(n!)
 
 exact for jointly Gaussian ``u``; the coefficients are closed forms (Stein's
-lemma, see :func:`hermite_coefficients`), vectorised over channels.  Truncated at ``N_HERMITE`` terms, the
-remainder is put on the diagonal so that Var is exact (Eq. M3').
+lemma, see :func:`hermite_coefficients`), vectorised over channels.  The series
+is truncated (at most ``N_HERMITE`` terms); the variances on the diagonal of a
+channel set with itself are set exactly, and for the piecewise-linear
+activations the remainder ``sum_{m>n} rho^m c_m(f_i) c_m(g_k)`` is replaced by
+``|rho|^(n+1)`` times its exact value at ``rho = +1`` (``rho = -1`` for
+negative rho), computed in closed form by :func:`covariance_pm1` (Eq. M3').
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ N_HERMITE = 30
 
 #: activation name -> (lo, hi) clip range; identity is (-inf, inf)
 ACTIVATIONS = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "identity": (-np.inf, np.inf)}
+
+#: piecewise-linear activations as ramps, f(z) = const + sum_j s_j relu(z - a_j),
+#: pairs (s_j, a_j) (Eq. M3'); identity is linear (its Mehler series ends at n = 1)
+RAMPS = {"relu": ((1.0, 0.0),), "relu6": ((1.0, 0.0), (-1.0, 6.0)), "identity": ()}
+
+#: the Mehler remainder is modelled where |rho|^(n+1) can exceed this (Eq. M3')
+TAIL_TOL = 1e-10
 
 
 def _phi(t):
@@ -132,27 +143,87 @@ def _terms_needed(rho, n_max, same, tol=1e-10):
     return int(min(n_max, max(1, np.ceil(np.log(tol) / np.log(rmax)))))
 
 
-def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False):
+def covariance_pm1(beta_a, gamma_a, beta_b, gamma_b, act):
+    """Exact Cov(f(beta_i + |gamma_i| u), f(beta_k +- |gamma_k| u)) for ONE
+    standard normal ``u``: the Mehler sums (Eq. M3) at rho = +1 and rho = -1,
+    elementwise over broadcast arrays (Eq. M3').
+
+    With ``f = const + sum_j s_j relu(z - a_j)`` (``RAMPS``) every term is a
+    covariance of two ramps of ``u``, ``relu(u - t_i)`` and ``relu(+-u - t_k)``,
+    ``t = (a - beta)/|gamma|``, a truncated-Gaussian integral of a quadratic:
+
+    * ``E[relu(u - t_i) relu(u - t_k)] = (1 + t_i t_k) Q(T) - min(t_i, t_k) phi(T)``,
+      ``T = max(t_i, t_k)``, ``Q = 1 - Phi``;
+    * ``E[relu(u - t_i) relu(-u - t_k)] = int_L^U (u - L)(U - u) phi(u) du``,
+      ``L = t_i``, ``U = -t_k`` (0 when ``L >= U``);
+    * ``E[relu(u - t)] = phi(t) - t Q(t)``.
+
+    Returns (cov_plus, cov_minus), or None when ``act`` is not piecewise linear.
+    """
+    if act not in RAMPS:
+        return None
+    ba, bb = np.asarray(beta_a, dtype=np.float64), np.asarray(beta_b, dtype=np.float64)
+    ga, gb = np.abs(np.asarray(gamma_a, dtype=np.float64)), np.abs(np.asarray(gamma_b, dtype=np.float64))
+    if act == "identity":
+        g = ga * gb
+        return g, -g
+    sa, sb = np.where(ga > 0, ga, 1.0), np.where(gb > 0, gb, 1.0)
+    plus, minus = 0.0, 0.0
+    for s_j, a_j in RAMPS[act]:
+        ti = (a_j - ba) / sa
+        mi = _phi(ti) - ti * ndtr(-ti)
+        for s_l, a_l in RAMPS[act]:
+            tk = (a_l - bb) / sb
+            mk = _phi(tk) - tk * ndtr(-tk)
+            hi_t, lo_t = np.maximum(ti, tk), np.minimum(ti, tk)
+            e_plus = (1 + ti * tk) * ndtr(-hi_t) - lo_t * _phi(hi_t)
+            lo, up = ti, -tk
+            i0 = np.where(lo > 0, ndtr(-lo) - ndtr(-up), ndtr(up) - ndtr(lo))
+            i1 = _phi(lo) - _phi(up)
+            i2 = i0 + lo * _phi(lo) - up * _phi(up)
+            e_minus = np.where(lo < up, -(i2 - (lo + up) * i1 + lo * up * i0), 0.0)
+            w = s_j * s_l
+            plus = plus + w * (e_plus - mi * mk)
+            minus = minus + w * (e_minus - mi * mk)
+    g = ga * gb
+    return g * plus, g * minus
+
+
+def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=False, marginals=None):
     """Cov(f(z_i), g(z_k)) = sum_n rho_ik^n c_n(f_i) c_n(g_k) (Eq. M3).
 
     rho : (A, B) correlation of the standardised pre-activations;
     coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
     The series stops after the term where ``max |rho|^n`` falls below 1e-10
     (at most ``N_HERMITE`` terms).
-    With ``var_a``/``var_b`` (the exact variances) the truncated tail
-    ``r = Var - sum_n c_n^2`` is added as ``rho^(n+1) sqrt(r_i r_k)`` (Eq. M3'),
-    so that two channels with rho = 1 and equal marginals get exactly their
-    variance; ``same=True`` (the two sets are the same channels) puts the exact
-    variance on the diagonal.
+    ``marginals = (beta_a, gamma_a, beta_b, gamma_b, act)`` (the BN marginals of
+    the two sets) adds the remainder of the series as
+    ``|rho|^(n+1) R_+-``, with ``R_+ = Cov_{rho=1} - sum_n c_n c_n`` and
+    ``R_- = Cov_{rho=-1} - sum_n (-1)^n c_n c_n`` its exact values at rho = +-1
+    (:func:`covariance_pm1`; Eq. M3'): exact at rho in {-1, 0, 1} for any two
+    marginals.  It is evaluated only for the pairs with ``|rho|^(n+1) >
+    TAIL_TOL``.  ``same=True`` (the two sets are the same channels) puts the
+    exact variance ``var_a`` on the diagonal.
     """
     rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
     n_terms = _terms_needed(rho, coef_a.shape[0], same)
     # Horner: sum_n rho^n A_n = rho (A_1 + rho (A_2 + ... rho (A_n + rho * tail)))
     out = np.zeros_like(rho)
-    if var_a is not None and var_b is not None:
-        ra = np.sqrt(np.clip(var_a - (coef_a[:n_terms] ** 2).sum(0), 0, None))
-        rb = np.sqrt(np.clip(var_b - (coef_b[:n_terms] ** 2).sum(0), 0, None))
-        np.multiply(ra[:, None], rb[None, :], out=out)
+    if marginals is not None:
+        a = np.abs(rho)
+        if same and a.shape[0] == a.shape[1]:
+            a = a.copy()
+            np.fill_diagonal(a, 0.0)
+        i, k = np.nonzero(a ** (n_terms + 1) > TAIL_TOL)
+        beta_a, gamma_a, beta_b, gamma_b, act = marginals
+        pm = covariance_pm1(np.asarray(beta_a)[i], np.asarray(gamma_a)[i], np.asarray(beta_b)[k],
+                            np.asarray(gamma_b)[k], act) if i.size else None
+        if pm is not None:
+            prod = coef_a[:n_terms, i] * coef_b[:n_terms, k]
+            sign = np.where(np.arange(1, n_terms + 1) % 2 == 1, -1.0, 1.0)[:, None]
+            r_plus = pm[0] - prod.sum(0)
+            r_minus = pm[1] - (sign * prod).sum(0)
+            out[i, k] = np.where(rho[i, k] >= 0, r_plus, (-1.0) ** (n_terms + 1) * r_minus)
     for n in range(n_terms - 1, -1, -1):
         out *= rho
         out += coef_a[n][:, None] * coef_b[n][None, :]

@@ -15,7 +15,7 @@ UDFC coefficients (Eq. U1-U4), with C~ = Cov(a~_K), X = Cov(a, a~_K):
   (C~ + alpha1 diag C~) S = X[P]^T
 * intercept: t = E[a] - T E[a~_K]
 
-Neuron Merging (Eq. N1-N2) and plain dropping fill the same T, t.
+Neuron Merging (Eq. N1-N2, merge scale kappa) and plain dropping fill the same T, t.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     sgn = np.where(gamma < 0, -1.0, 1.0)
     rho_x = rho_x * sgn[:, None] * sgn[kept][None, :]
     rho_q = rho_q * sgn[kept][:, None] * sgn[kept][None, :]
-    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True)
-    cross = activation_covariance(rho_x, ca, cq, var_a, var_q)
+    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True, marginals=(bq, gq, bq, gq, act))
+    cross = activation_covariance(rho_x, ca, cq, marginals=(b, g, bq, gq, act))
     return PairStats(mean_a, var_a, mean_q, cov_q, cross, kept)
 
 
@@ -184,10 +184,11 @@ def neuron_merging(W, gamma, beta, mean, sigma, kept, lam: float = 0.85, thresho
 
     For each pruned filter j and kept candidate c: cosine distance of the raw
     filters, scale s = ||W_j|| / ||W_c||, BN-aware merge scale
-    S = s gamma_j sigma_c / (gamma_c sigma_j) (so that z_j ~= S z_c + const when
-    W_j = s W_c), bias mismatch B = |b_c - b_j / S| with b = beta - gamma mu / sigma,
-    min-max normalised over candidates; pick argmin lam*cos_dist + (1-lam)*B,
-    skip when cosine similarity < threshold or S <= 0. Returns T (N, M), t = 0."""
+    kappa = s gamma_j sigma_c / (gamma_c sigma_j) (so that z_j = kappa z_c + const
+    when W_j = s W_c), constant mismatch in units of z_c B = |b_c - b_j / kappa|
+    with b = beta - gamma mu / sigma, min-max normalised over candidates; pick
+    argmin lam*cos_dist + (1-lam)*B, skip when cosine similarity < threshold or
+    kappa <= 0. Returns T (N, M), t = 0."""
     n = W.shape[0]
     kept = np.asarray(kept)
     m = kept.size
@@ -202,15 +203,15 @@ def neuron_merging(W, gamma, beta, mean, sigma, kept, lam: float = 0.85, thresho
     unit = f / np.where(norms > 0, norms, 1.0)[:, None]
     cos = unit[pruned] @ unit[kept].T  # (P, M)
     s = norms[pruned][:, None] / np.where(norms[kept] > 0, norms[kept], 1.0)[None, :]
-    S = s * (gamma[pruned][:, None] * sigma[kept][None, :]) / np.where(
+    kappa = s * (gamma[pruned][:, None] * sigma[kept][None, :]) / np.where(
         gamma[kept] != 0, gamma[kept], np.inf)[None, :] / sigma[pruned][:, None]
     bbar = beta - gamma * mean / sigma
-    B = np.abs(bbar[kept][None, :] - _safe_div(bbar[pruned][:, None], S))
+    B = np.abs(bbar[kept][None, :] - _safe_div(bbar[pruned][:, None], kappa))
     lo, hi = B.min(1, keepdims=True), B.max(1, keepdims=True)
     Bn = np.where(hi > lo, (B - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
     score = lam * (1 - cos) + (1 - lam) * Bn
-    score = np.where(S > 0, score, np.inf)
+    score = np.where(kappa > 0, score, np.inf)
     best = np.argmin(score, axis=1)
     ok = (cos[np.arange(pruned.size), best] >= threshold) & np.isfinite(score[np.arange(pruned.size), best])
-    T[pruned[ok], best[ok]] = S[np.arange(pruned.size), best][ok]
+    T[pruned[ok], best[ok]] = kappa[np.arange(pruned.size), best][ok]
     return T, np.zeros(n)

@@ -1,0 +1,171 @@
+"""A4 wiring: how ``DataModel`` carries statistics through every op, each
+value checked against the rule of derivation A4 written out here from the
+upstream value (sums, block diagonals, the BN marginals, D8'), and the D2/D3
+layout of grouped convs, non-square kernels and a linear layer after a
+flatten against covariances computed tap by tap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import bn_params
+
+from udfc_ref import Model, Node
+from udfc_ref.datamodel import DataModel, InputModel, dense_filters, spatial_positions
+from udfc_ref.quantize import fake_quantize, quantize
+
+
+def _conv(t, rng, name, inp, cin, cout, k=3, **attrs):
+    t[f"{name}.weight"] = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    params = {"weight": f"{name}.weight"}
+    if attrs.pop("bias", False):
+        t[f"{name}.bias"] = rng.normal(0, 1, cout).astype(np.float32)
+        params["bias"] = f"{name}.bias"
+    return Node(name, "conv2d", [inp], name, {"padding": k // 2, **attrs}, params)
+
+
+def every_op_model(seed=0):
+    rng = np.random.default_rng(seed)
+    t = {}
+
+    def bn(name, inp, c):
+        return Node(name, "batch_norm", [inp], name, {"eps": 1e-5}, bn_params(rng, c, name, t))
+
+    nodes = [
+        Node("p_in", "avg_pool2d", ["x"], "p_in", {"kernel": 2}),  # right after the input: rho unknown
+        _conv(t, rng, "c0", "p_in", 3, 4, bias=True),  # no BN after it: no D3 calibration
+        Node("r0", "relu", ["c0"], "r0"),
+        _conv(t, rng, "c1", "r0", 4, 6), bn("b1", "c1", 6), Node("r1", "relu", ["b1"], "r1"),
+        Node("id", "identity", ["r1"], "id"),
+        Node("mp", "max_pool2d", ["id"], "mp", {"kernel": 2}),
+        _conv(t, rng, "ca", "mp", 6, 5), bn("ba", "ca", 5),
+        _conv(t, rng, "cb", "mp", 6, 5), bn("bb", "cb", 5),
+        Node("add", "add", ["ba", "bb"], "add"),
+        Node("r2", "relu", ["add"], "r2"),
+        Node("cat", "concat", ["r2", "mp"], "cat"),
+        Node("gap", "global_avg_pool", ["cat"], "gap", {"keepdims": True}),
+        Node("flat", "flatten", ["gap"], "flat"),
+        bn("b3", "flat", 11),
+        Node("r3", "relu", ["b3"], "r3"),
+    ]
+    t["fc.weight"] = rng.standard_normal((4, 11)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["r3"], "y", {}, {"weight": "fc.weight"}))
+    return Model(t, nodes, "x", (3, 16, 16))
+
+
+def test_a4_every_op_follows_its_rule():
+    m = every_op_model()
+    dm = DataModel(m)
+    v, t = dm.values, m.tensors
+    same = lambda a, b: np.array_equal(a.mean, b.mean) and np.array_equal(a.cov, b.cov)  # noqa: E731
+    # a pool right after the (white, rho unknown) input keeps everything, rho stays unknown
+    assert same(v["p_in"], v["x"]) and v["p_in"].rho is None and np.array_equal(v["x"].cov, np.eye(3))
+    # conv with a bias on a white input, no BN after it: rho_s = 0 (nothing to calibrate on),
+    # mean = bias, covariance = W W^T over all taps
+    assert dm.inputs["c0"].rho_s == 0.0
+    w0 = t["c0.weight"].astype(np.float64).reshape(4, -1)
+    assert np.allclose(v["c0"].mean, t["c0.bias"], atol=1e-7) and np.allclose(v["c0"].cov, w0 @ w0.T, atol=1e-12)
+    # a BN output: mean beta, variance gamma^2, the input's correlation (A1, A4)
+    g1 = t["b1.weight"].astype(np.float64)
+    c = v["c1"].cov
+    corr = c / np.sqrt(np.outer(np.diag(c), np.diag(c)))
+    assert np.allclose(v["b1"].mean, t["b1.bias"]) and np.allclose(v["b1"].cov, corr * np.outer(g1, g1), atol=1e-12)
+    assert v["b1"].rho == v["c1"].rho
+    # identity keeps everything; a max pool keeps mean and covariance and maps rho -> rho^s (D8')
+    assert same(v["id"], v["r1"]) and v["id"].rho == v["r1"].rho
+    assert same(v["mp"], v["id"]) and v["mp"].rho == pytest.approx(v["id"].rho ** 2, abs=1e-15)
+    # add: independent branches, sums; rho weighted by the branches' total variance
+    ra, rb = v["ba"], v["bb"]
+    assert np.allclose(v["add"].mean, ra.mean + rb.mean) and np.allclose(v["add"].cov, ra.cov + rb.cov)
+    wa, wb = np.trace(ra.cov), np.trace(rb.cov)
+    assert v["add"].rho == pytest.approx((wa * ra.rho + wb * rb.rho) / (wa + wb), abs=1e-15)
+    # concat: stacked means, block-diagonal covariance
+    r2, mp = v["r2"], v["mp"]
+    assert np.allclose(v["cat"].mean, np.concatenate([r2.mean, mp.mean]))
+    blk = np.zeros((11, 11))
+    blk[:5, :5], blk[5:, 5:] = r2.cov, mp.cov
+    assert np.allclose(v["cat"].cov, blk)
+    assert v["cat"].rho == pytest.approx((np.trace(r2.cov) * r2.rho + np.trace(mp.cov) * mp.rho)
+                                         / (np.trace(r2.cov) + np.trace(mp.cov)), abs=1e-15)
+    # global pool: same channel statistics, no spatial correlation; a flatten of the (C, 1, 1)
+    # map it gives is a relabelling: everything kept (derivation, the reshape/flatten rule)
+    assert same(v["gap"], v["cat"]) and v["gap"].rho is None
+    assert same(v["flat"], v["gap"]) and v["flat"].rho is None
+    # a BN on that value: mean beta, the input's correlation scaled by gamma (A1, A4), rho still unknown
+    g3 = t["b3.weight"].astype(np.float64)
+    c = v["flat"].cov
+    corr = c / np.sqrt(np.outer(np.diag(c), np.diag(c)))
+    assert np.allclose(v["b3"].mean, t["b3.bias"]) and np.allclose(v["b3"].cov, corr * np.outer(g3, g3), atol=1e-12)
+    assert v["b3"].rho is None
+    assert dm.inputs["fc"].pos.shape == (1, 2) and np.array_equal(dm.inputs["fc"].mean_c, v["r3"].mean)
+
+
+def _exact_cov(f1, f2, pos, rho):
+    """F1 Sigma_x F2^T for a white-channel field of correlation
+    rho^(|dy| + |dx|), tap by tap."""
+    d = np.abs(pos[:, None, :] - pos[None, :, :]).sum(-1)
+    return np.einsum("ncp,mcq,pq->nm", f1, f2, rho**d)
+
+
+def test_d2_d3_for_a_linear_layer_after_a_flatten():
+    """A linear layer reading a flattened 3 x 5 map: its inputs are the map's
+    H*W positions (row-major) per channel; D3 recovers the input's rho from
+    the BN variances, and D2 gives its output covariance."""
+    rng = np.random.default_rng(1)
+    rho = 0.55
+    t = {"fc1.weight": rng.standard_normal((6, 2 * 15)).astype(np.float32) + 0.5}
+    pos = np.stack(np.meshgrid(np.arange(3), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    f = t["fc1.weight"].astype(np.float64).reshape(6, 2, 15)
+    bn = bn_params(rng, 6, "b", t)
+    t["b.running_var"] = np.diag(_exact_cov(f, f, pos, rho)).astype(np.float64)
+    nodes = [Node("flat", "flatten", ["x"], "flat"),
+             Node("fc1", "linear", ["flat"], "h", {}, {"weight": "fc1.weight"}),
+             Node("b", "batch_norm", ["h"], "z", {"eps": 0.0}, bn), Node("r", "relu", ["z"], "a")]
+    t["fc2.weight"] = rng.standard_normal((3, 6)).astype(np.float32)
+    nodes.append(Node("fc2", "linear", ["a"], "y", {}, {"weight": "fc2.weight"}))
+    m = Model(t, nodes, "x", (2, 3, 5))
+    dm = DataModel(m)
+    assert np.array_equal(dm.inputs["fc1"].pos, pos)
+    assert dm.inputs["fc1"].rho_s == pytest.approx(rho, abs=1e-12)
+    assert np.allclose(dm.values["h"].cov, _exact_cov(f, f, pos, rho), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1))])
+def test_d2_non_square_kernels_and_unequal_dilation(kernel, dilation):
+    """D1/D2: the taps of a kh x kw kernel with dilation (dh, dw) are at
+    (i dh, j dw), row-major, matching the weight layout."""
+    rng = np.random.default_rng(2)
+    t = {"c.weight": rng.standard_normal((4, 2) + kernel).astype(np.float32)}
+    m = Model(t, [Node("c", "conv2d", ["x"], "y", {"dilation": list(dilation)}, {"weight": "c.weight"})], "x",
+              (2, 9, 9))
+    node = m.node("c")
+    pos = spatial_positions(node, m)
+    ref = np.array([(i * dilation[0], j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1])])
+    assert np.array_equal(pos, ref)
+    f = dense_filters(m, node)
+    im = InputModel(np.zeros(2), np.eye(2), 0.6, pos)
+    assert np.allclose(im.gram(f, f), _exact_cov(f, f, ref, 0.6), rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [2, 6])
+def test_d1_grouped_conv_is_expanded_block_diagonally(groups):
+    """D1: output o of a conv with g groups reads input channels
+    (o // (O/g)) * Cg ... + Cg - 1; every other input channel has zero weight."""
+    rng = np.random.default_rng(3)
+    c_in, c_out = 6, 6
+    cg = c_in // groups
+    w = rng.standard_normal((c_out, cg, 3, 3)).astype(np.float32)
+    m = Model({"c.weight": w}, [Node("c", "conv2d", ["x"], "y", {"groups": groups}, {"weight": "c.weight"})], "x",
+              (c_in, 8, 8))
+    dense = dense_filters(m, m.node("c"))
+    ref = np.zeros((c_out, c_in, 9))
+    for o in range(c_out):
+        g = o // (c_out // groups)
+        ref[o, g * cg:(g + 1) * cg] = w[o].reshape(cg, 9)
+    assert np.array_equal(dense, ref)
+
+
+def test_fake_quantize_passes_its_options():
+    w = np.random.default_rng(4).standard_normal((3, 5)).astype(np.float32)
+    for kw in ({"symmetric": False}, {"per_channel": False}, {"mse_clip": True}):
+        assert np.array_equal(fake_quantize(w, 3, **kw), quantize(w, 3, **kw).dequantize())
