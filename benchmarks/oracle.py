@@ -4,11 +4,12 @@ For every benchmark model, prune ratio and bit width, top-1 on the test split
 of:
 
 * ``original``;
-* data-free variants of ``udfc_ref.compress`` (``--variants``); at 50 % and
-  30 % + 6 bits (``AUDIT``) run with ``calibration_mode="audit"``: the
+* data-free variants of ``udfc_ref.compress`` (``--variants``); at 50 % + 6 bits
+  (``AUDIT``) run with ``calibration_mode="audit"``: the
   compression is data-free (the images do not change the model), and the
   report gives, per pair, the data model's predicted error (Eq. E2) next to
-  the error measured on the images in the compressed network actually built;
+  the error measured on the first ``N_AUDIT`` (500) images in the compressed
+  network actually built;
 * the oracle: ``calibration=x`` with ``calibration_mode="independent"`` and
   ``"sequential"`` (the statistics the solver reads measured on the images,
   same kept channels, quantizer, solver and alphas as data-free ``l1``), and
@@ -77,14 +78,17 @@ def calibration_images(name: str, n: int) -> np.ndarray:
 
 
 #: the settings whose data-free runs also measure every pair on the images (calibration_mode="audit")
-AUDIT = ((0.5, 6), (0.3, 6))
+AUDIT = ((0.5, 6),)
+#: calibration images the audit of a data-free run measures on (the first ones of the calibration set)
+N_AUDIT = 500
 
 
 def run_cell(model, x, y, xc, ratio, bits, variant) -> dict:
     kw = dict(VARIANTS[variant])
     if "calibration_mode" not in kw and (ratio, bits) in AUDIT:
         kw["calibration_mode"] = "audit"
-    if "calibration_mode" in kw:
+        kw["calibration"] = xc[:N_AUDIT]
+    elif "calibration_mode" in kw:
         kw["calibration"] = xc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
