@@ -19,7 +19,7 @@ from udfc_ref.sources import read_value
 from udfc_ref.pairs import find_pairs
 
 from helpers import mobilenet_block, vgg
-from modern_blocks import mbconv_net
+from modern_blocks import mbconv_net, regnet_net
 
 
 def _images(model, n=40, seed=1):
@@ -59,17 +59,20 @@ def _check(st, ref, tol=1e-5):
         assert np.abs(got - want).max() <= tol * scale
 
 
-@pytest.mark.parametrize("build", [lambda: vgg(seed=3), lambda: mobilenet_block(seed=4),
-                                   lambda: mbconv_net(seed=5)], ids=["vgg", "dw-chain", "mbconv-se"])
-def test_sequential_statistics_are_the_compressed_networks_moments(build, monkeypatch):
+@pytest.mark.parametrize("build, options", [
+    (lambda: vgg(seed=3), {}), (lambda: mobilenet_block(seed=4), {}), (lambda: mbconv_net(seed=5), {}),
+    (lambda: regnet_net(seed=6, se=True), dict(bias_correction=True, asymmetric=True, criterion="cov"))],
+    ids=["vgg", "dw-chain", "mbconv-se", "grouped-se-bias-correction"])
+def test_sequential_statistics_are_the_compressed_networks_moments(build, options, monkeypatch):
     """Eq. C1-C2: in sequential mode, a~_K is the compressed network itself:
     the final model's values at the read value (every layer upstream of a
-    pair is final when its statistics are read), a the original's."""
+    pair is final when its statistics are read -- also with bias correction
+    and grouped / SE producers), a the original's."""
     model = build()
     x = _images(model)
     monkeypatch.setattr(cal, "BATCH_BYTES", 1)  # one image per batch: many merges of Eq. C1
     log = _capture(monkeypatch)
-    small, rep = udfc_ref.compress(model, prune_ratio=0.5, weight_bits=6, calibration=x)
+    small, rep = udfc_ref.compress(model, prune_ratio=0.5, weight_bits=6, calibration=x, **options)
     assert log
     ov = model.forward(x, return_values=True)
     cv = small.forward(x, return_values=True)
