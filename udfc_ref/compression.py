@@ -159,7 +159,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     t = tick("data model", t)
     # the statistics source (derivation section 11); with calibration images the data-free one is kept
     # beside it as the auditor's prediction
-    audit = None  # the other view of the same pairs, for the report: data-free beside measured
+    # ``audit``: the other view of the same pairs, for the report: data-free beside measured
     plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S3
     if pairs:
         source = plain
