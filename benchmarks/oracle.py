@@ -13,7 +13,7 @@ of:
 * the oracle: ``calibration=x`` with ``calibration_mode="independent"`` and
   ``"sequential"`` (the statistics the solver reads measured on the images,
   same kept channels, quantizer, solver and alphas as data-free ``l1``), and
-  the sequential oracle with the covariance selection (Eq. S3).
+  the sequential oracle with the covariance selection (Eq. S4).
 
 Calibration images: the first ``--n-calib`` (2,000) images of the training
 split of ``benchmarks/train.py`` (``load_data``: the same 80/20 stratified

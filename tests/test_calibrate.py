@@ -1,4 +1,4 @@
-"""Calibration statistics (derivation section 11, Eq. C1-C5): compress with
+"""Calibration statistics (derivation section 13, Eq. C1-C5): compress with
 unlabeled images.  References are independent of the streaming code: the
 whole calibration set run through ``Model.forward`` at once, ``np.cov``, and
 a PyTorch convolution for the independent mode's embedded producer."""
@@ -148,7 +148,7 @@ def test_each_node_runs_once_per_batch_and_memory_spills_to_temp_files(monkeypat
 
 def test_an_exact_duplicate_is_rebuilt_exactly_with_calibration():
     """A channel that equals another on every image: the covariance
-    selection (Eq. S3, measured Cov) prunes one of the two, and it is rebuilt
+    selection (Eq. S4, measured Cov) prunes one of the two, and it is rebuilt
     exactly from measured statistics (alpha = 0), in both modes."""
     model = vgg(seed=8)
     w = model.tensors["c0.weight"].copy()

@@ -1,4 +1,4 @@
-"""The covariance channel selection (derivation Eq. S3) against the
+"""The covariance channel selection (derivation Eq. S4) against the
 written-out least-squares objective and an exact duplicate channel."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from helpers import vgg
 
 
 def _residual(cov, w, kept):
-    """sum_i w_i Var(a_i | a_K) by least squares (the objective of Eq. S3)."""
+    """sum_i w_i Var(a_i | a_K) by least squares (the objective of Eq. S4)."""
     kept = list(kept)
     ckk = cov[np.ix_(kept, kept)]
     cik = cov[:, kept]
@@ -21,7 +21,7 @@ def _residual(cov, w, kept):
 
 
 def test_covariance_selection_is_the_greedy_minimiser():
-    """Eq. S3: each greedy step takes the channel whose addition lowers
+    """Eq. S4: each greedy step takes the channel whose addition lowers
     sum_i w_i Var(a_i | a_K) most (checked against the least-squares
     objective of every candidate), and an exact linear dependency is found."""
     rng = np.random.default_rng(6)
@@ -62,7 +62,7 @@ def test_covariance_selection_rules():
 
 def test_cov_criterion_keeps_one_of_two_duplicate_channels_and_is_exact():
     """Data-free: a channel duplicating another (filter and BN) is pruned by
-    Eq. S3 under the data model's covariance and rebuilt exactly."""
+    Eq. S4 under the data model's covariance and rebuilt exactly."""
     model = vgg(seed=8)
     for t in ("c0.weight", "b0.weight", "b0.bias", "b0.running_mean", "b0.running_var"):
         v = model.tensors[t].copy()

@@ -1,5 +1,5 @@
 """Calibration statistics: the pair statistics measured on unlabeled images
-(derivation section 11, Eq. C1-C4).
+(derivation section 13, Eq. C1-C4).
 
 With ``compress(..., calibration=x)`` the solver reads, instead of the data
 model's :class:`~udfc_ref.solve.PairStats`, the sample moments of real
@@ -437,7 +437,7 @@ class CalibratedStats:
 
     def selection_cov(self, pair) -> np.ndarray:
         """``Cov(a)`` of the original network's channels where the consumers
-        read them, on the images (Eq. S3)."""
+        read them, on the images (Eq. S4)."""
         target = read_value(self.orig, pair, "value")
         extra = [read_value(self.orig, pair, "gap")] if pair.se is not None else []
         self.onet.ensure([target] + extra)

@@ -156,6 +156,26 @@ def _checked(convert, ok, what: str):
 
 
 _nonnegative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def _compress_bits(s: str):
+    """--weight-bits of compress/demo: :func:`_bits` or 'auto' (bits chosen per layer by a byte budget)."""
+    return "auto" if s.strip().lower() == "auto" else _bits(s)
+
+
+def _fraction(s: str) -> float:
+    """A budget: any number; compress checks it is in (0, 1) (one error, exit 1, naming the option)."""
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+
+
+def _bit_list(s: str) -> list:
+    try:
+        return [int(b) for b in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r}") from None
 _positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
@@ -172,8 +192,9 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-ratio", type=_ratio, default=0.0, metavar="R",
                    help="fraction in [0, 1) of the output channels of every compressible layer to remove "
                         "(default 0: no pruning)")
-    g.add_argument("--weight-bits", type=_bits, default=None, metavar="B",
-                   help="quantize weights to B bits: 2..8 or 16; 'none' (or 'float', the default): float weights")
+    g.add_argument("--weight-bits", type=_compress_bits, default=None, metavar="B",
+                   help="quantize weights to B bits: 2..8 or 16; 'none' (or 'float', the default): float weights; "
+                        "'auto' (with --target-bytes): each layer's bits chosen from --bit-choices")
     g.add_argument("--method", choices=("udfc", "nm", "none"), default="udfc",
                    help="compensation: udfc (closed form, default), nm (Neuron Merging), none (drop/round only)")
     g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn", "cov"), default="l1",
@@ -192,12 +213,28 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                    help="conv/linear layers left untouched (names as 'udfc info' prints them)")
     g.add_argument("--min-keep", type=_positive_int, default=1, metavar="N",
                    help="channels every pruned layer keeps at least (default 1)")
+    g.add_argument("--prune-coupled", action="store_true",
+                   help="also prune coupled channels (residual streams, concat inputs, grouped-conv inputs), "
+                        "rebuilt in every layer reading them; default: only the paper's conv-BN-act pairs")
+    g = p.add_argument_group("budget (one at a time; instead of --prune-ratio)")
+    for what, help_ in (("macs", "multiply-accumulates"), ("params", "parameters"),
+                        ("bytes", "stored weight bytes")):
+        g.add_argument(f"--target-{what}", type=_fraction, default=None, metavar="F",
+                       help=f"keep at most the fraction F in (0, 1) of the original's {help_}: each layer's prune "
+                            "ratio (and with --weight-bits auto its bits) is chosen to minimise the predicted error")
+    g.add_argument("--bit-choices", type=_bit_list, default=None, metavar="LIST",
+                   help="bit widths --weight-bits auto chooses from (default 8,6,4)")
 
 
 def compress_kwargs(a) -> dict:
-    return dict(prune_ratio=a.prune_ratio, weight_bits=a.weight_bits, method=a.method, criterion=a.criterion,
+    ratio = a.prune_ratio
+    if ratio is None:  # demo's default: 0.3 unless a budget chooses the ratios
+        ratio = 0.0 if any(v is not None for v in (a.target_macs, a.target_params, a.target_bytes)) else 0.3
+    return dict(prune_ratio=ratio, weight_bits=a.weight_bits, method=a.method, criterion=a.criterion,
                 per_tensor=a.per_tensor, asymmetric=a.asymmetric, mse_clip=a.mse_clip, alpha1=a.alpha1,
-                alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep)
+                alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep,
+                prune_coupled=a.prune_coupled, target_macs=a.target_macs, target_params=a.target_params,
+                target_bytes=a.target_bytes, bit_choices=a.bit_choices)
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -300,7 +337,12 @@ def cmd_info(a) -> int:
         r = m.record
         layers = r.get("layers")
         print(f"compressed: method={r.get('method')} prune_ratio={r.get('prune_ratio')} "
-              f"weight_bits={r.get('weight_bits')} pruned layers={len(layers) if isinstance(layers, dict) else 0}")
+              f"weight_bits={r.get('weight_bits')} pruned layers={len(layers) if isinstance(layers, dict) else 0}"
+              + (" prune_coupled=True" if r.get("prune_coupled") is True else ""))
+        b = r.get("budget")
+        if isinstance(b, dict):  # types checked when the file was read (io._check_record)
+            print(f"budget: {b['target']} <= {100 * b['fraction']:.1f}% of the original, achieved "
+                  f"{100 * b['achieved']:.2f}%")
     else:
         print("uncompressed")
     return 0
@@ -462,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracy, parameters, bytes and MACs before and after. Defaults: "
                                    "--prune-ratio 0.3 --weight-bits 6.")
     add_compress_options(s)
-    s.set_defaults(prune_ratio=0.3, weight_bits=6)
+    s.set_defaults(prune_ratio=None, weight_bits=6)  # None: 0.3, or 0 with a --target-* budget
     s.add_argument("--only", action="store_true", help="run only --method, not the baselines beside it")
     s.add_argument("--output", metavar="FILE", type=_model_output,
                    help="also save the model compressed with --method (suffix picks the format; never the "

@@ -19,20 +19,22 @@ from collections import Counter
 
 import numpy as np
 
+from . import coupled as _coupled
+from .budget import Unit, check_target
 from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
 from .errors import NumericError, OptionError
 from .graph import Model
+from .groups import find_groups
 from .pairs import find_pairs
 from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, keep_rows, shift_output
-from .covselect import select_by_covariance
-from .select import channel_scores, select_kept, select_kept_grouped
 from .solve import drop, neuron_merging, objective, udfc
 from .calibrate import MODES as CALIBRATION_MODES
 from .calibrate import CalibratedStats, check_calibration
+from .covselect import select_by_covariance
 from .sources import DataFreeStats, StatsRequest, stats_error
 
 METHODS = ("none", "nm", "udfc")
@@ -43,8 +45,10 @@ def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, a
     if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not math.isfinite(prune_ratio) \
             or not 0.0 <= prune_ratio < 1.0:
         raise OptionError(f"prune ratio must be a number in [0, 1), got {prune_ratio!r}")
-    if weight_bits is not None and (isinstance(weight_bits, bool) or weight_bits not in VALID_BITS):
-        raise OptionError(f"weight bits must be one of 2..8 or 16 (or None for float weights), got {weight_bits!r}")
+    if weight_bits is not None and weight_bits != "auto" and (isinstance(weight_bits, bool)
+                                                             or weight_bits not in VALID_BITS):
+        raise OptionError(f"weight bits must be one of 2..8 or 16, 'auto' (with a byte budget) or None for float "
+                          f"weights, got {weight_bits!r}")
     if method not in METHODS:
         raise OptionError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if criterion not in CRITERIA:
@@ -80,7 +84,8 @@ def _checked_numerics(fn):
 def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = None, method: str = "udfc",
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
-             min_keep: int = 1, progress: bool = False, calibration=None,
+             min_keep: int = 1, progress: bool = False, prune_coupled: bool = False, target_macs=None,
+             target_params=None, target_bytes=None, bit_choices=None, calibration=None,
              calibration_mode: str = "sequential") -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
@@ -90,7 +95,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     model : the model (not modified).
     prune_ratio : fraction in [0, 1) of each pair producer's output channels
         removed (``round(ratio * N)``, at least ``min_keep`` kept).
-    weight_bits : 2..8 or 16, or None for no quantization.
+    weight_bits : 2..8 or 16, or None for no quantization; ``"auto"`` (with
+        ``target_bytes``): each layer's bits chosen from ``bit_choices``.
     method : ``"none"`` (drop / round), ``"nm"`` (Neuron Merging) or ``"udfc"``.
     criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma.
     per_tensor, asymmetric, mse_clip : quantizer options (``quantize.py``).
@@ -98,10 +104,19 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
     skip : names of conv/linear layers left untouched (not pruned, not quantized).
     progress : show a progress line on stderr when the work takes over a second.
+    prune_coupled : also prune coupled channel groups -- residual streams,
+        concat inputs, chains into grouped convs (derivation section 11); off
+        keeps the paper's protocol (pairs only).
+    target_macs, target_params, target_bytes : a budget, as a fraction in
+        (0, 1) of the original's MACs / parameters / weight bytes (one at a
+        time, exclusive with ``prune_ratio``): every unit's prune ratio (and,
+        with ``weight_bits="auto"``, every layer's bits) is chosen to minimise
+        the predicted error within it (section 12).
+    bit_choices : bit widths for ``weight_bits="auto"`` (default 8, 6, 4).
     calibration : optional (N, C, H, W) float array of unlabeled images of the
         model's input shape (N >= 2; a memory map is read batch by batch).
         Given, the pair statistics are measured on these images instead of
-        taken from the data model (derivation section 11, Eq. C1-C4), and the
+        taken from the data model (derivation section 13, Eq. C1-C4), and the
         report shows, per pair, the data model's predicted error next to the
         measured one.  Default None: data-free.
     calibration_mode : ``"sequential"`` (default): the kept channels come from
@@ -118,6 +133,11 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
+    if not isinstance(prune_coupled, bool):
+        raise OptionError(f"prune_coupled must be True or False, got {prune_coupled!r}")
+    target, fraction, bit_choices = check_target(prune_ratio, weight_bits, bit_choices,
+                                                 {"macs": target_macs, "params": target_params,
+                                                  "bytes": target_bytes})
     if calibration is not None:
         if calibration_mode not in CALIBRATION_MODES + ("audit",):
             raise OptionError(f"calibration_mode must be one of {', '.join(CALIBRATION_MODES + ('audit',))}, "
@@ -128,6 +148,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     stages = {}
 
     seen = {"data model": 0.0, "calibration": 0.0}
+    dm = source = audit = None
 
     def tick(name, t):
         """Charge the time since ``t`` to stage ``name``, less what the lazy
@@ -144,23 +165,54 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - spent
         return time.perf_counter()
 
-    source = audit = None
-
     orig = model
     out = model.copy(share_tensors=True)  # every rewrite below replaces arrays, never writes into them
     pairs, unpruned = find_pairs(orig)
     pairs = [p for p in pairs if p.name not in skip]
-    if prune_ratio == 0 and weight_bits is None:
+    cg = find_groups(orig)  # channel groups (linear in the graph): what must be removed together
+    groups = _coupled_groups(cg, pairs, skip, unpruned) if prune_coupled else []
+    score = "l1" if criterion == "cov" else criterion  # Eq. S4 is applied to pairs in the walk below
+    units = [Unit.of_pair(orig, p, cg, score, min_keep) for p in pairs] + \
+        [Unit.of_group(orig, g, score, min_keep) for g in groups]
+    ratio_of = {u.name: prune_ratio for u in units}
+    bits_of = {}
+    alloc = None
+    if target is not None:
+        from .budget import allocate
+
+        alloc = allocate(orig, cg, units, target, fraction, weight_bits, bit_choices, skip, method=method,
+                         alpha1=alpha1, alpha2=alpha2, bias_correction=bias_correction,
+                         qkw=dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip),
+                         progress=progress, coupled_hint=not prune_coupled and any(
+                             not g.blocked for g in cg.groups if g.producers))
+        ratio_of, bits_of = alloc.ratios, alloc.bits
+        stages["allocate"] = time.perf_counter() - t0
+    if weight_bits == "auto" or target is not None:
+        # a unit left at ratio 0 without quantization of its producer is not touched at all
+        pairs = [p for p in pairs if ratio_of[p.name] > 0 or _bits(p.name, weight_bits, bits_of, skip) is not None]
+    elif prune_ratio == 0 and weight_bits is None:
         pairs = []  # nothing to do: the model is returned unchanged
     for s in skip:
         unpruned[s] = "skipped by request"
+    unit_of = {u.name: u for u in units}
     t = time.perf_counter()
-    dm = DataModel(orig, lazy=True) if pairs or (weight_bits is not None and bias_correction) else None
+    # ---- coupled groups: one kept set each (Eq. G1), rows removed everywhere up front
+    group_kept = {}
+    for g in groups:
+        kept = unit_of[g.name].kept(ratio_of[g.name])
+        if kept.size < g.size:
+            group_kept[g.index] = kept
+    pruned_groups = [g for g in groups if g.index in group_kept]
+    vkept = _coupled.value_kept(cg, group_kept)
+    group_reads = {c.name: v for g in pruned_groups for c, v, _ in g.consumers}
+    group_err = {g.index: np.zeros(3) for g in pruned_groups}  # Eq. E2 sums: drop, after, energy
+    t = tick("select", t)
+    need_dm = pairs or pruned_groups or (weight_bits is not None and bias_correction)
+    dm = DataModel(orig, lazy=True) if need_dm else None
     t = tick("data model", t)
-    # the statistics source (derivation section 11); with calibration images the data-free one is kept
-    # beside it as the auditor's prediction
-    # ``audit``: the other view of the same pairs, for the report: data-free beside measured
-    plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S3
+    # the statistics source (derivation section 13); with calibration images the data-free one is kept
+    # beside it as the auditor's prediction (``audit``: the other view of the same pairs, for the report)
+    plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S4
     if pairs:
         source = plain
         if calibration is not None and calibration_mode == "audit":  # solve data-free, measure what happens
@@ -175,6 +227,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     record_layers = {}
     quantized = {}
     companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
+    _coupled.trim_rows(out, cg, pruned_groups, vkept, in_kept, companion)
     finished: set[str] = set()  # such layers, quantized as soon as they are final (before their own visit)
 
     def finish(lnode):
@@ -182,12 +235,12 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         channels as soon as its weights are final, so that statistics read
         from the compressed model see it as it will be saved."""
         finished.add(lnode.name)
-        if lnode.name not in skip and weight_bits is not None:
+        lbits = _bits(lnode.name, weight_bits, bits_of, skip)
+        if lbits is not None:
             cnode = out.node(lnode.name)
-            eps = _quantize_layer(out, cnode, weight_bits, qkw, quantized)
+            eps = _quantize_layer(out, cnode, lbits, qkw, quantized)
             if bias_correction:
                 _bias_correct(out, cnode, eps, dm, lnode, in_kept.get(lnode.name))
-
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     for step, onode in enumerate(layer_nodes):
@@ -197,7 +250,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         wkey = node.params["weight"]
         pair = pair_of.get(onode.name)
         n_out = orig.tensors[onode.params["weight"]].shape[0]
-        bits = None if onode.name in skip else weight_bits
+        bits = _bits(onode.name, weight_bits, bits_of, skip)
+        if onode.name in group_reads:  # Eq. G2-G3: rebuild the pruned channels of the value it reads
+            value = group_reads[onode.name]
+            errs = _coupled.rebuild_value(out, orig, dm, onode, value, vkept[value], method, alpha1, alpha2)
+            _add_group_errors(cg, value, group_kept, errs, group_err)
+            in_kept[onode.name] = vkept[value]
+            t = tick("rewrite", t)
         if pair is None:
             # not prunable: quantize only (+ bias correction)
             if onode.name in finished:  # a chain's / gate's layer, quantized with its pair: keep the record order
@@ -218,20 +277,16 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
 
         # ---- a pair: select, prune rows, quantize, solve, absorb
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
-        W0 = orig.tensors[onode.params["weight"]]
-        crit = "l1" if criterion == "cov" else criterion.split("-")[0]
-        scores = channel_scores(W0, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(W0, crit)
+        kept = unit_of[pair.name].kept(ratio_of[pair.name])
         weights = np.zeros(n_out)  # the consumers' column energies w_i of Eq. E2
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
             weights += (wc.astype(np.float64).reshape(wc.shape[0], n_out, -1) ** 2).sum(axis=(0, 2))
-        if pair.groups > 1:
-            kept = select_kept_grouped(scores, prune_ratio, pair.groups, gamma=gamma, min_keep=min_keep)
-        elif criterion == "cov":  # Eq. S3: the channels the others are best rebuilt from
+        if criterion == "cov" and pair.groups == 1 and kept.size < n_out:
+            # Eq. S4: as many channels, those the others are best rebuilt from
             cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
-            kept = select_by_covariance(cov, weights, prune_ratio, scores, gamma=gamma, min_keep=min_keep)
-        else:
-            kept = select_kept(scores, prune_ratio, gamma=gamma, min_keep=min_keep)
+            kept = select_by_covariance(cov, weights, n_keep=kept.size, gamma=gamma,
+                                        scores=unit_of[pair.name].scores)
         t = tick("select", t)
         bn_node = out.node(pair.bn.name)
         keep_outputs(out, node, bn_node, kept)
@@ -297,14 +352,15 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         err0 = float(weights @ objective(st, T0, t0_)) / denom
         err1 = float(weights @ objective(st, T, tt)) / denom
         record_layers[onode.name] = {"channels_before": int(n_out), "channels_after": int(kept.size),
-                                     "kept": [int(i) for i in kept]}
+                                     "kept": [int(i) for i in kept], "prune_ratio": ratio_of[pair.name]}
         if pair.dw is not None:
             record_layers[onode.name]["depthwise"] = pair.dw.name
         if pair.groups > 1:
             record_layers[onode.name]["groups"] = int(pair.groups)
         if pair.se is not None:
             record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
-        lrep = LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1)
+        lrep = LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1,
+                           ratio=ratio_of[pair.name])
         if st_other is not None:  # the auditor's view: the data model's prediction beside the measurement
             st_pred, st_real = (st, st_other) if calibration_mode == "audit" else (st_other, st)
             lrep.predicted_before, lrep.predicted_after = _e2(weights, st_pred, T0, t0_, T, tt)
@@ -319,12 +375,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     if bar is not None:
         bar.update(len(layer_nodes))
         bar.close()
+    _group_records(pruned_groups, group_kept, group_err, ratio_of, reports, record_layers, unpruned, orig)
     for src in (source, audit):
         if src is not None:
             src.close()
 
     if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
-        widths = [orig.shapes[p.producer.output][0] for p in pairs]
+        widths = [orig.shapes[p.producer.output][0] for p in pairs] + [g.size for g in groups]
         warnings.warn(_nothing_pruned(prune_ratio, widths, unpruned, len(layer_nodes), weight_bits),
                       stacklevel=3)  # the caller of compress (through _checked_numerics)
     out.record = {
@@ -332,10 +389,14 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "per_tensor": per_tensor, "asymmetric": asymmetric, "mse_clip": mse_clip, "alpha1": alpha1,
         "alpha2": alpha2, "bias_correction": bias_correction, "skip": skip, "min_keep": min_keep,
         "layers": record_layers, "quantized": quantized,
-        "unpruned": dict(unpruned),
+        "unpruned": dict(unpruned), "prune_coupled": prune_coupled,
     }
     if calibration is not None:
         out.record["calibration"] = {"mode": calibration_mode, "images": int(calibration.shape[0])}
+    if alloc is not None:
+        out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
+                                "bit_choices": None if bit_choices is None else list(bit_choices),
+                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits)}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
@@ -344,12 +405,21 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     t = tick("validate", t)
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
-                                                   "bias_correction", "skip")}, reports)
+                                                   "bias_correction", "skip", "prune_coupled")}, reports)
     if calibration is not None:
         rep.options["calibration"] = out.record["calibration"]
     rep.params_before, rep.params_after = orig.param_count(), out.param_count()
     rep.bytes_before, rep.bytes_after = orig.weight_bytes(), out.weight_bytes()
     rep.flops_before, rep.flops_after = orig.flops(), out.flops()
+    if alloc is not None:
+        got = {"macs": (rep.flops_after, rep.flops_before), "params": (rep.params_after, rep.params_before),
+               "bytes": (rep.bytes_after, rep.bytes_before)}[target]
+        achieved = got[0] / got[1]
+        if achieved > fraction:  # the cost model is exact (an upper bound); this is a bug, never a user error
+            raise RuntimeError(f"budget allocation: {target} reached {achieved:.6f} of the original, above the "
+                               f"target {fraction:g} (predicted {alloc.predicted:.6f})")
+        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted}
+        out.record["budget"]["achieved"] = achieved
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
     return out, rep
@@ -366,8 +436,9 @@ def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str
     if not reasons:
         return f"prune ratio {prune_ratio:g} pruned no channel: the model has no conv/linear layer; {done}"
     why, k = reasons.most_common(1)[0]
+    hint = "; prune_coupled=True (--prune-coupled) prunes coupled channels too" if "coupled" in why else ""
     return (f"prune ratio {prune_ratio:g} pruned no channel: none of the {n_layers} conv/linear layers can be pruned "
-            f"without data ({k} of them: {why}); {done}")
+            f"without data ({k} of them: {why}); {done}{hint}")
 
 
 def _prune_se_gate(model: Model, pair, kept, producer: str, companion: dict) -> None:
@@ -462,3 +533,67 @@ def _solved(solver, onode, *args):
     except np.linalg.LinAlgError as e:
         raise NumericError(f"layer {onode.name!r}: the compensation solve failed ({e}); the layer's weights or "
                            "BN statistics are too extreme for this compression") from None
+
+
+def _bits(layer: str, weight_bits, bits_of: dict, skip) -> int | None:
+    """The bit width of ``layer``: None when skipped, the budget's choice
+    for ``weight_bits="auto"``, else ``weight_bits``."""
+    if layer in skip:
+        return None
+    return bits_of.get(layer) if weight_bits == "auto" else weight_bits
+
+
+def _coupled_groups(cg, pairs, skip, unpruned: dict) -> list:
+    """The channel groups ``prune_coupled`` adds to the pairs: not blocked,
+    not a pair's, no producer or depthwise conv in ``skip``.  The reason a
+    producer of a blocked group stays is the group's (``unpruned``)."""
+    pair_groups = {cg.group_of(p.producer.output).index for p in pairs}
+    out = []
+    for g in cg.groups:
+        if g.index in pair_groups or not g.producers:
+            continue
+        if g.blocked:
+            for p in g.producers:
+                if "coupled" in unpruned.get(p.name, ""):
+                    unpruned[p.name] = f"its channel group is not prunable: {g.blocked}"
+            continue
+        if any(n.name in skip for n in g.producers + g.depthwise):
+            continue
+        out.append(g)
+    return out
+
+
+def _add_group_errors(cg, value, group_kept, errs, group_err) -> None:
+    """Accumulate Eq. E2's sums (drop, after, energy; weighted by the column
+    energy ``w``) of each pruned group over the channels of ``value`` it holds."""
+    w, e0, e1, energy = errs
+    off = 0
+    for gi in cg.layout[value]:
+        n = cg.groups[gi].size
+        if gi in group_kept:
+            sl = slice(off, off + n)
+            group_err[gi] += [w[sl] @ e0[sl], w[sl] @ e1[sl], w[sl] @ energy[sl]]
+        off += n
+
+
+def _group_records(pruned_groups, group_kept, group_err, ratio_of, reports, record_layers, unpruned, orig) -> None:
+    """Report and record of the pruned coupled groups: every producer and
+    depthwise conv gets a record entry (kept channels, its group, the
+    group's ratio); the first producer carries the group's Eq. E2 errors."""
+    by_layer = {r.layer: r for r in reports}
+    for g in pruned_groups:
+        kept = group_kept[g.index]
+        ratio = ratio_of[g.name]
+        e0, e1, den = group_err[g.index]
+        den = den or 1.0
+        for n in g.producers + g.depthwise:
+            unpruned.pop(n.name, None)
+            entry = {"channels_before": int(g.size), "channels_after": int(kept.size),
+                     "kept": [int(i) for i in kept], "group": g.name, "prune_ratio": ratio}
+            if n.op == "conv2d" and 1 < n.attrs["groups"] < g.size:
+                entry["groups"] = int(n.attrs["groups"])
+            record_layers[n.name] = entry
+            r = by_layer[n.name]
+            r.ratio = ratio
+            if n.name == g.name:
+                r.error_before, r.error_after = float(e0 / den), float(e1 / den)

@@ -1,4 +1,4 @@
-"""Channel selection by reconstruction (derivation Eq. S3): keep the channels
+"""Channel selection by reconstruction (derivation Eq. S4): keep the channels
 from which the pruned ones are best rebuilt.
 
 The compensation rebuilds every pruned channel by least squares from the
@@ -23,9 +23,9 @@ import numpy as np
 from .select import DEAD_GAMMA
 
 
-def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float, scores: np.ndarray, gamma=None,
-                         min_keep: int = 1) -> np.ndarray:
-    """Indices (sorted) of the channels kept, Eq. S3.
+def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float = 0.0, scores=None, gamma=None,
+                         min_keep: int = 1, n_keep: int | None = None) -> np.ndarray:
+    """Indices (sorted) of the channels kept, Eq. S4.
 
     Parameters
     ----------
@@ -35,7 +35,9 @@ def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float, sco
         of channels is kept, dead channels (|gamma| <= 1e-12) are pruned first.
     scores : (N,) weight-norm scores (Eq. S1), used only to fill the kept set
         when the residual variance is exhausted (every remaining channel is a
-        linear function of the kept ones) and to break ties.
+        linear function of the kept ones) and to break ties (None: by index).
+    n_keep : keep exactly this many (``ratio`` and ``min_keep`` are then
+        ignored): the count the pair's unit chose (a budget's ratio).
 
     Greedy step: the residual covariance ``R`` (initially ``Cov(a)``) loses,
     when channel ``j`` joins ``K``, ``R_{:,j} R_{j,:} / R_jj``; the objective
@@ -43,14 +45,16 @@ def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float, sco
     is taken.
     """
     n = cov.shape[0]
-    n_prune = int(np.floor(ratio * n + 0.5))
+    scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
     dead = np.zeros(n, bool) if gamma is None else (np.abs(gamma) <= DEAD_GAMMA)
-    if ratio > 0:
-        n_prune = max(n_prune, int(dead.sum()))
-    n_prune = min(n_prune, n - max(1, min_keep))
-    if n_prune <= 0:
+    if n_keep is None:
+        n_prune = int(np.floor(ratio * n + 0.5))
+        if ratio > 0:
+            n_prune = max(n_prune, int(dead.sum()))
+        n_prune = min(n_prune, n - max(1, min_keep))
+        n_keep = n - n_prune
+    if n_keep >= n:
         return np.arange(n)
-    n_keep = n - n_prune
     R = np.array(cov, dtype=np.float64, copy=True)
     R = (R + R.T) / 2
     w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)

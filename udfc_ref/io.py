@@ -301,7 +301,11 @@ _RECORD_FIELDS = {
     "prune_ratio": ("a number", _is_number),
     "alpha1": ("a number", _is_number),
     "alpha2": ("a number", _is_number),
-    "weight_bits": ("an int or null", lambda v: v is None or _is_int(v)),
+    "weight_bits": ("an int, null or 'auto'", lambda v: v is None or v == "auto" or _is_int(v)),
+    "prune_coupled": ("true or false", lambda v: isinstance(v, bool)),
+    "budget": ("an object with target (a string), fraction, achieved and predicted (numbers)",
+               lambda v: isinstance(v, dict) and isinstance(v.get("target"), str)
+               and all(_is_number(v.get(k)) for k in ("fraction", "achieved", "predicted"))),
     "min_keep": ("an int", _is_int),
     "per_tensor": ("true or false", lambda v: isinstance(v, bool)),
     "asymmetric": ("true or false", lambda v: isinstance(v, bool)),
@@ -317,6 +321,7 @@ _RECORD_FIELDS = {
 _RECORD_ENTRY_FIELDS = {
     "layers": {"channels_before": ("an int", _is_int), "channels_after": ("an int", _is_int),
                "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str)),
+               "prune_ratio": ("a number", _is_number), "group": ("a string", lambda v: isinstance(v, str)),
                "groups": ("an int", _is_int),
                "se": ("an object {'squeeze': name, 'excite': name}",
                       lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("squeeze", "excite")))},

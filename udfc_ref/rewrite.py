@@ -73,3 +73,21 @@ def keep_rows(model: Model, node: Node, kept: np.ndarray, roles=("weight", "bias
         if r in node.params:
             key = node.params[r]
             model.tensors[key] = np.ascontiguousarray(model.tensors[key][kept])
+
+
+def absorb_grouped(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype) -> None:
+    """Eq. R2 for a grouped conv consumer (``groups`` = G, weight
+    (O, C/G, kh, kw)): ``T`` (C, M) is block diagonal with G blocks of
+    (C/G, M/G) -- a channel is rebuilt from kept channels of its own block
+    only -- so each block of O/G output rows absorbs its own block of T."""
+    w = model.tensors[node.params["weight"]]
+    g = node.attrs["groups"]
+    o, cg = w.shape[:2]
+    mg = T.shape[1] // g
+    cols = w.astype(np.float64).reshape(g, o // g, cg, -1)  # (G, O/G, C/G, R)
+    Tb = np.stack([T[b * cg:(b + 1) * cg, b * mg:(b + 1) * mg] for b in range(g)])  # (G, C/G, M/G)
+    new = np.einsum("gocr,gck->gokr", cols, Tb, optimize=True).reshape((o, mg) + w.shape[2:])
+    delta = np.einsum("gocr,gc->go", cols, t.reshape(g, cg)).reshape(o)
+    model.tensors[node.params["weight"]] = np.ascontiguousarray(new, dtype=dtype)
+    if np.any(delta != 0):
+        shift_output(model, node, delta, dtype)

@@ -63,3 +63,53 @@ def select_kept_grouped(scores: np.ndarray, ratio: float, groups: int, gamma=Non
     order = np.argsort(key, axis=1, kind="stable")  # stable: ties keep the lower index first
     kept = (order[:, n_prune:] + (np.arange(groups) * og)[:, None]).ravel()
     return np.sort(kept)
+
+
+def prune_order(scores: np.ndarray, gamma=None, groups: int = 1) -> np.ndarray:
+    """The order in which :func:`select_kept` (``groups`` = 1) or
+    :func:`select_kept_grouped` prunes: dead channels first, then the lowest
+    score, ties by the lower index.  For ``groups`` > 1 the order is within
+    each block of ``N / groups`` channels, shape (groups, N / groups), as
+    indices into the whole layer.  The kept set of any ratio is the channels
+    *not* in the first ``n_prune`` of this order (of each block): kept sets
+    are nested as the ratio grows."""
+    n = scores.shape[0]
+    dead = np.zeros(n, bool) if gamma is None else (np.abs(gamma) <= DEAD_GAMMA)
+    key = np.where(dead, -np.inf, scores)
+    if groups == 1:
+        return np.lexsort((np.arange(n), key))
+    og = n // groups
+    return np.argsort(key.reshape(groups, og), axis=1, kind="stable") + (np.arange(groups) * og)[:, None]
+
+
+def pair_scores(model, pair, criterion: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. S1 scores of a pair's producer and its BN's gamma (dead channels):
+    ``(scores (N,), gamma (N,))``."""
+    from .datamodel import bn_affine
+
+    gamma, _, _, sigma = bn_affine(model, pair.bn)
+    w = model.tensors[pair.producer.params["weight"]]
+    crit = criterion.split("-")[0]
+    return (channel_scores(w, crit, gamma, sigma) if criterion.endswith("-bn") else channel_scores(w, crit)), gamma
+
+
+def group_scores(model, group, criterion: str) -> np.ndarray:
+    """Eq. S3: the score of each channel of a coupled group -- the sum over
+    its producers of the producer's Eq. S1 score divided by that producer's
+    mean score, so every producer weighs the same whatever the scale of its
+    filters (N,).  For ``-bn`` criteria a producer read by a lone BatchNorm
+    is scaled by that BN's |gamma| / sigma."""
+    from .datamodel import bn_affine
+
+    crit = criterion.split("-")[0]
+    total = np.zeros(group.size)
+    for p in group.producers:
+        w = model.tensors[p.params["weight"]]
+        s = channel_scores(w, crit)
+        cs = model.consumers(p.output)
+        if criterion.endswith("-bn") and len(cs) == 1 and cs[0].op == "batch_norm":
+            gamma, _, _, sigma = bn_affine(model, cs[0])
+            s = s * np.abs(gamma) / sigma
+        mean = float(s.mean())
+        total += s / mean if mean > 0 else s
+    return total

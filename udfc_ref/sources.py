@@ -1,5 +1,5 @@
 """Statistics sources: where ``compress`` obtains the statistics of each pair
-(derivation section 11).
+(derivation section 13).
 
 The walk of ``compression.compress`` needs, for every pair, the
 :class:`~udfc_ref.solve.PairStats` the solver reads (``E a``, ``Var a``,
@@ -94,7 +94,7 @@ class DataFreeStats:
         self._early: dict[str, object] = {}
 
     def selection_cov(self, pair: Pair) -> np.ndarray:
-        """``Cov(a)`` of the pair's channels under the data model (Eq. S3)."""
+        """``Cov(a)`` of the pair's channels under the data model (Eq. S4)."""
         if pair.se is not None:  # read before the lazy data model drops it behind the gate
             self._early[pair.name] = self.dm.value(pair.se.value)
         return self.dm.value(pair.value).cov
