@@ -15,6 +15,7 @@ import pytest
 import udfc_ref
 import udfc_ref.calibrate as cal
 from udfc_ref.errors import FormatError, OptionError
+from udfc_ref.evaldata import DataError
 from udfc_ref.sources import read_value
 from udfc_ref.pairs import find_pairs
 
@@ -229,7 +230,7 @@ def test_calibration_errors_name_the_problem(tmp_path):
     with pytest.raises(FormatError, match="'x'"):
         cal.load_calibration(tmp_path / "n.npz")
     np.save(tmp_path / "a.npy", x)
-    with pytest.raises(FormatError, match=".npy"):
+    with pytest.raises(DataError, match=".npy"):  # a FormatError, as for udfc eval --data
         cal.load_calibration(tmp_path / "a.npy")
     np.savez(tmp_path / "i.npz", x=np.zeros((4, 3, 8, 8), np.int32))
     with pytest.raises(FormatError, match="float"):

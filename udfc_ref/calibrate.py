@@ -37,7 +37,7 @@ import zlib
 import numpy as np
 
 from .atomic import open_input
-from .errors import FormatError, OptionError, UDFCError
+from .errors import OptionError, UDFCError
 from .forward import conv2d, linear, run_node
 from .graph import Model, Node
 from .datamodel import bn_affine
@@ -77,34 +77,35 @@ def load_calibration(path) -> np.ndarray:
     e.g. labels, are ignored).  Checked like ``udfc eval`` checks its data
     (a regular zip file, the member's header against its bytes, plain
     numbers, never unpickled); an uncompressed member is memory-mapped, so a
-    large calibration set is read batch by batch.  Raises FormatError."""
+    large calibration set is read batch by batch.  Raises DataError (a
+    FormatError, as for ``udfc eval --data``)."""
     from .evaldata import DataError, _npz_member
 
     path = os.fspath(path)
     with open_input(path) as fh:  # a regular file: never block on a FIFO
         if fh.read(6) == b"\x93NUMPY":
-            raise FormatError(f"{path}: a .npy file (one array); calibration images are an .npz with the array "
+            raise DataError(f"{path}: a .npy file (one array); calibration images are an .npz with the array "
                               "x (numpy.savez(path, x=x))")
         fh.seek(0)
         try:
             with zipfile.ZipFile(fh) as zf:
                 if "x.npy" not in zf.namelist():
                     have = ", ".join(n[:-4] if n.endswith(".npy") else n for n in zf.namelist()[:8]) or "none"
-                    raise FormatError(f"{path}: calibration images are the array 'x'; the file has {have}")
+                    raise DataError(f"{path}: calibration images are the array 'x'; the file has {have}")
                 x, _ = _npz_member(path, fh, zf, "x")
         except UDFCError as e:
-            raise FormatError(str(e)) if isinstance(e, DataError) else e from None
+            raise e if isinstance(e, DataError) else DataError(str(e)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise FormatError(f"{path}: cannot read as .npz ({msg}); calibration images are an .npz with the "
+            raise DataError(f"{path}: cannot read as .npz ({msg}); calibration images are an .npz with the "
                               "array x") from None
     if x.ndim != 4 or x.dtype.kind != "f":
-        raise FormatError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
+        raise DataError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
     step = max(1, BATCH_BYTES // max(1, x[:1].nbytes))
     for s in range(0, x.shape[0], step):  # before any work, in bounded memory
         bad = _first_nonfinite(np.asarray(x[s:s + step]))
         if bad is not None:
-            raise FormatError(f"{path}: 'x' holds NaN/Inf (image {s + bad})")
+            raise DataError(f"{path}: 'x' holds NaN/Inf (image {s + bad})")
     return x
 
 

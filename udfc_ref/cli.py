@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 
-from .errors import FormatError, UDFCError
+from .errors import UDFCError
 
 EPILOG = """examples:
   udfc demo                                   compress the bundled digits CNN, before/after table
@@ -379,7 +379,9 @@ def cmd_compress(a) -> int:
         kw.update(calibration=load_calibration(a.calibration), calibration_mode=a.calibration_mode)
     m = read_model(a.input, a.torch_module, a.input_shape)
     if a.calibration:
-        check_calibration(m, kw["calibration"], f"{a.calibration}: array 'x'", FormatError)
+        from .evaldata import DataError
+
+        check_calibration(m, kw["calibration"], f"{a.calibration}: array 'x'", DataError)
     small, rep = compress(m, progress=True, **kw)
     write_model(small, a.output, input_path=a.input)
     print(rep.format())
