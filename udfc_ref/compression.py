@@ -475,11 +475,11 @@ def _embedded_filters(Wd, kept, eps_w, ik, groups) -> np.ndarray:
         E = eps_w.reshape(kept.size, -1, Wd.shape[2])
         if groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
             og, cg = Wd.shape[0] // groups, E.shape[1]
-            cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]
-            dense = np.zeros((kept.size,) + Wd.shape[1:])
-            dense[np.arange(kept.size)[:, None], cols, :] = E
-            E = dense
-        if ik is None:
+            cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]  # in the stored (kept-input) coordinates
+            if ik is not None:  # inputs pruned upstream (a coupled group): back to the original coordinates
+                cols = np.asarray(ik)[cols]
+            Wq[np.arange(kept.size)[:, None], cols, :] += E
+        elif ik is None:
             Wq += E
         else:
             Wq[:, ik, :] += E
