@@ -63,6 +63,7 @@ if ROOT not in sys.path:
 
 import udfc_ref  # noqa: E402
 import udfc_ref.compression as _comp  # noqa: E402
+import udfc_ref.sources as _src  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.datamodel import bn_affine  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
@@ -76,7 +77,7 @@ MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_di
 def capture():
     """Record, per pair in visiting order, the solver's inputs and its T, t."""
     log: list[dict] = []
-    orig_ps, orig_cs, orig_abs = _comp.pair_stats, _comp.chain_stats, _comp.absorb
+    orig_ps, orig_cs, orig_abs = _src.pair_stats, _src.chain_stats, _comp.absorb
 
     def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None):
         log.append({"kind": "pair", "Wq": np.array(Wq), "kept": np.array(kept),
@@ -92,11 +93,12 @@ def capture():
             log[-1]["T"], log[-1]["t"] = np.array(T), np.array(t)
         return orig_abs(model, node, T, t, dtype, **kw)
 
-    _comp.pair_stats, _comp.chain_stats, _comp.absorb = pair_stats, chain_stats, absorb
+    # the data-free statistics source (udfc_ref.sources.DataFreeStats) calls these two
+    _src.pair_stats, _src.chain_stats, _comp.absorb = pair_stats, chain_stats, absorb
     try:
         yield log
     finally:
-        _comp.pair_stats, _comp.chain_stats, _comp.absorb = orig_ps, orig_cs, orig_abs
+        _src.pair_stats, _src.chain_stats, _comp.absorb = orig_ps, orig_cs, orig_abs
 
 
 def _act(z, act):

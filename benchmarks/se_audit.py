@@ -124,9 +124,9 @@ def gate_variant(kind):
 
 @contextmanager
 def oracle_statistics(model, x):
-    """Patch ``compression.chain_stats``: the statistics of a chain / SE value
+    """Patch ``sources.chain_stats`` (the data-free source calls it): the statistics of a chain / SE value
     measured on ``x`` (recognised by the data model's mean of that value)."""
-    from udfc_ref import compression
+    from udfc_ref import sources
 
     pairs, _ = find_pairs(model)
     vals = model.forward(x, return_values=True)
@@ -138,7 +138,7 @@ def oracle_statistics(model, x):
         a = vals[v].astype(np.float64)
         a = a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])
         measured[v] = (dm.values[v].mean, datamodel.ValueStats(a.mean(0), np.cov(a.T, bias=True)))
-    orig = compression.chain_stats
+    orig = sources.chain_stats
 
     def chain_stats(values, kept):
         for key, real in measured.values():
@@ -146,11 +146,11 @@ def oracle_statistics(model, x):
                 return orig(real, kept)
         return orig(values, kept)
 
-    compression.chain_stats = chain_stats
+    sources.chain_stats = chain_stats
     try:
         yield
     finally:
-        compression.chain_stats = orig
+        sources.chain_stats = orig
 
 
 def alone(model, x, y, ratio):

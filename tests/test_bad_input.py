@@ -794,6 +794,7 @@ def test_unused_tensors_of_a_failing_file_give_no_warning(tmp_path):
     ({"per_tensor": "no"}, ["'per_tensor'"]),
     ({"skip": "c0"}, ["'skip'"]),
     ({"unpruned": {"c0": 1}}, ["'unpruned'"]),
+    ({"calibration": {"mode": "sequential", "images": "200"}}, ["'calibration'", "'images': int"]),
 ])
 def test_compression_record_schema(tmp_path, record, words):
     t, meta, _ = parts()

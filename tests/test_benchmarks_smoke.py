@@ -130,3 +130,19 @@ def test_train_keras_smoke(tmp_path):
         info = json.load(f)["keras_mnist"]
     assert info["framework"] == "keras" and info["epochs"] == 1
     assert abs(info["test_top1_udfc_ref"] - info["test_top1_keras"]) <= 1 / 200 + 1e-9
+
+
+def test_oracle_smoke(tmp_path):
+    """benchmarks/oracle.py on the committed vgg_digits: data-free and the
+    sequential oracle at 50 % + 6 bits; rows carry per-pair predicted and
+    measured E2, and the tables render."""
+    pytest.importorskip("sklearn")
+    orc = _script("oracle")
+    assert orc.main(["--smoke", "--models", "vgg_digits", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "oracle.json").read_text())
+    got = {r["variant"]: r for r in rows}
+    assert set(got) == {"original", "before", "oracle-seq"}
+    for v in ("before", "oracle-seq"):
+        assert 0 <= got[v]["top1"] <= 1 and got[v]["layers"]
+        assert all(lay["measured_after"] >= 0 and lay["predicted_after"] >= 0 for lay in got[v]["layers"])
+    assert "vgg_digits" in (tmp_path / "oracle.md").read_text()

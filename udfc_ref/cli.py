@@ -197,8 +197,9 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                         "'auto' (with --target-bytes): each layer's bits chosen from --bit-choices")
     g.add_argument("--method", choices=("udfc", "nm", "none"), default="udfc",
                    help="compensation: udfc (closed form, default), nm (Neuron Merging), none (drop/round only)")
-    g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn"), default="l1",
-                   help="channel score: filter L1/L2 norm, optionally times |gamma|/sigma of the BN (default l1)")
+    g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn", "cov"), default="l1",
+                   help="channel selection: filter L1/L2 norm, optionally times |gamma|/sigma of the BN, or cov: "
+                        "keep the channels the others are best rebuilt from, under the statistics (default l1)")
     g.add_argument("--per-tensor", action="store_true", help="one quantization scale per tensor (default per channel)")
     g.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization (default symmetric)")
     g.add_argument("--mse-clip", action="store_true", help="search the clipping range minimising the weight MSE")
@@ -238,6 +239,17 @@ def compress_kwargs(a) -> dict:
                 alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep,
                 prune_coupled=a.prune_coupled, target_macs=a.target_macs, target_params=a.target_params,
                 target_bytes=a.target_bytes, bit_choices=a.bit_choices, exact=a.exact)
+
+
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (optional; the default is data-free)")
+    g.add_argument("--calibration", metavar="FILE.npz",
+                   help="unlabeled images (array x, (N, C, H, W) float; other arrays are ignored): the pair "
+                        "statistics are measured on them instead of the data model's, and the report shows the "
+                        "data model's predicted error next to the measured one for every pair")
+    g.add_argument("--calibration-mode", choices=("sequential", "independent", "audit"), default="sequential",
+                   help="sequential (default): kept channels from the network compressed so far; independent: "
+                        "each pair on the original network; audit: compress data-free, measure on the images")
 
 
 # ------------------------------------------------------------ reading/writing
@@ -362,8 +374,19 @@ def cmd_compress(a) -> int:
     check_output(a.output, a.input)
     if a.report:
         check_output(a.report, a.input, a.output)
+    kw = compress_kwargs(a)
+    if a.calibration:
+        from .atomic import check_input_file
+        from .calibrate import check_calibration, load_calibration
+
+        check_input_file(a.calibration)  # before the (possibly slow) model: a FIFO or a typo fails at once
+        kw.update(calibration=load_calibration(a.calibration), calibration_mode=a.calibration_mode)
     m = read_model(a.input, a.torch_module, a.input_shape)
-    small, rep = compress(m, progress=True, **compress_kwargs(a))
+    if a.calibration:
+        from .evaldata import DataError
+
+        check_calibration(m, kw["calibration"], f"{a.calibration}: array 'x'", DataError)
+    small, rep = compress(m, progress=True, **kw)
     write_model(small, a.output, input_path=a.input)
     print(rep.format())
     print(f"wrote {a.output}")
@@ -478,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
                                                          "(torch.export)")
     add_compress_options(s)
+    add_calibration_options(s)
     s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON (atomically)")
     s.set_defaults(func=cmd_compress)
 

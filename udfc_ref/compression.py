@@ -32,10 +32,14 @@ from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, keep_rows, shift_output
-from .solve import chain_stats, drop, neuron_merging, objective, pair_stats, udfc
+from .solve import drop, neuron_merging, objective, udfc
+from .calibrate import MODES as CALIBRATION_MODES
+from .calibrate import CalibratedStats, check_calibration
+from .covselect import select_by_covariance
+from .sources import DataFreeStats, StatsRequest, stats_error
 
 METHODS = ("none", "nm", "udfc")
-CRITERIA = ("l1", "l2", "l1-bn", "l2-bn")
+CRITERIA = ("l1", "l2", "l1-bn", "l2-bn", "cov")
 
 
 def _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep):
@@ -82,8 +86,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
              criterion: str = "l1", per_tensor: bool = False, asymmetric: bool = False, alpha1: float = 0.01,
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
              min_keep: int = 1, progress: bool = False, prune_coupled: bool = False, target_macs=None,
-             target_params=None, target_bytes=None, bit_choices=None,
-             exact: bool = False) -> tuple[Model, Report]:
+             target_params=None, target_bytes=None, bit_choices=None, calibration=None,
+             calibration_mode: str = "sequential", exact: bool = False) -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -110,6 +114,17 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         with ``weight_bits="auto"``, every layer's bits) is chosen to minimise
         the predicted error within it (section 12).
     bit_choices : bit widths for ``weight_bits="auto"`` (default 8, 6, 4).
+    calibration : optional (N, C, H, W) float array of unlabeled images of the
+        model's input shape (N >= 2; a memory map is read batch by batch).
+        Given, the pair statistics are measured on these images instead of
+        taken from the data model (derivation section 13, Eq. C1-C4), and the
+        report shows, per pair, the data model's predicted error next to the
+        measured one.  Default None: data-free.
+    calibration_mode : ``"sequential"`` (default): the kept channels come from
+        the network already compressed upstream, the target is the original's
+        activations; ``"independent"``: each pair on the original network's
+        activations; ``"audit"``: compress data-free (the images change
+        nothing in the model) and report the measured errors beside it.
     exact : build the data model's covariances in float64 with the Mehler series to 1e-10
         (the reference path) instead of float32 (faster, half the memory; within the
         tolerance stated in ``docs/derivation.md``, "Precision").
@@ -127,21 +142,31 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     target, fraction, bit_choices = check_target(prune_ratio, weight_bits, bit_choices,
                                                  {"macs": target_macs, "params": target_params,
                                                   "bytes": target_bytes})
+    if calibration is not None:
+        if calibration_mode not in CALIBRATION_MODES + ("audit",):
+            raise OptionError(f"calibration_mode must be one of {', '.join(CALIBRATION_MODES + ('audit',))}, "
+                              f"got {calibration_mode!r}")
+        check_calibration(model, calibration)
     check_numbers(model)
     t0 = time.perf_counter()
     stages = {}
 
-    dm_seen = [0.0]
-    dm = None
+    seen = {"data model": 0.0, "calibration": 0.0}
+    dm = source = audit = None
 
     def tick(name, t):
         """Charge the time since ``t`` to stage ``name``, less what the lazy
-        data model spent inside it (charged to "data model")."""
-        dm_now = dm.seconds if dm is not None else 0.0
-        inside = dm_now - dm_seen[0]
-        dm_seen[0] = dm_now
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - inside
-        stages["data model"] = stages.get("data model", 0.0) + inside
+        data model and the calibration source spent inside it (charged to
+        "data model" / "calibration")."""
+        spent = 0.0
+        measured = source if isinstance(source, CalibratedStats) else audit  # the images' work, in any mode
+        for stage, obj in (("data model", dm), ("calibration", measured)):
+            now = getattr(obj, "seconds", 0.0) if obj is not None else 0.0
+            inside, seen[stage] = now - seen[stage], now
+            if stage == "data model" or inside:
+                stages[stage] = stages.get(stage, 0.0) + inside
+            spent += inside
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t - spent
         return time.perf_counter()
 
     orig = model
@@ -150,8 +175,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     pairs = [p for p in pairs if p.name not in skip]
     cg = find_groups(orig)  # channel groups (linear in the graph): what must be removed together
     groups = _coupled_groups(cg, pairs, skip, unpruned) if prune_coupled else []
-    units = [Unit.of_pair(orig, p, cg, criterion, min_keep) for p in pairs] + \
-        [Unit.of_group(orig, g, criterion, min_keep) for g in groups]
+    score = "l1" if criterion == "cov" else criterion  # Eq. S4 is applied to pairs in the walk below
+    units = [Unit.of_pair(orig, p, cg, score, min_keep) for p in pairs] + \
+        [Unit.of_group(orig, g, score, min_keep) for g in groups]
     ratio_of = {u.name: prune_ratio for u in units}
     bits_of = {}
     alloc = None
@@ -190,6 +216,15 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     if need_dm:
         dm = DataModel(orig, lazy=True, dtype=np.float64 if exact else np.float32, skip_unread=True)
     t = tick("data model", t)
+    # the statistics source (derivation section 13); with calibration images the data-free one is kept
+    # beside it as the auditor's prediction (``audit``: the other view of the same pairs, for the report)
+    plain = DataFreeStats(dm) if pairs else None  # the data model of the original, for Eq. S4
+    if pairs:
+        source = plain
+        if calibration is not None and calibration_mode == "audit":  # solve data-free, measure what happens
+            audit = CalibratedStats(orig, out, calibration, "sequential")
+        elif calibration is not None:
+            source, audit = CalibratedStats(orig, out, calibration, calibration_mode), source
 
     qkw = dict(symmetric=not asymmetric, per_channel=not per_tensor, mse_clip=mse_clip)
     pair_of = {p.producer.name: p for p in pairs}
@@ -199,6 +234,19 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     quantized = {}
     companion: dict[str, str] = {}  # layer -> note, for layers whose rows go with a pair's channels
     _coupled.trim_rows(out, cg, pruned_groups, vkept, in_kept, companion)
+    finished: set[str] = set()  # such layers, quantized as soon as they are final (before their own visit)
+
+    def finish(lnode):
+        """Quantize (and bias-correct) a layer whose rows went with a pair's
+        channels as soon as its weights are final, so that statistics read
+        from the compressed model see it as it will be saved."""
+        finished.add(lnode.name)
+        lbits = _bits(lnode.name, weight_bits, bits_of, skip)
+        if lbits is not None:
+            cnode = out.node(lnode.name)
+            eps = _quantize_layer(out, cnode, lbits, qkw, quantized)
+            if bias_correction:
+                _bias_correct(out, cnode, eps, dm, lnode, in_kept.get(lnode.name))
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     given_back = 0  # layers [0, given_back) whose original weights are read no more
@@ -219,7 +267,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             t = tick("rewrite", t)
         if pair is None:
             # not prunable: quantize only (+ bias correction)
-            if bits is not None:
+            if onode.name in finished:  # a chain's / gate's layer, quantized with its pair: keep the record order
+                if onode.name in quantized:
+                    quantized[onode.name] = quantized.pop(onode.name)
+            elif bits is not None:
                 eps = _quantize_layer(out, node, bits, qkw, quantized, error=bias_correction)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
@@ -236,6 +287,16 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         # ---- a pair: select, prune rows, quantize, solve, absorb
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
         kept = unit_of[pair.name].kept(ratio_of[pair.name])
+        weights = np.zeros(n_out)  # the consumers' column energies w_i of Eq. E2
+        for c in pair.consumers:
+            wc = orig.tensors[c.node.params["weight"]]
+            cw = wc.reshape(wc.shape[0], n_out, -1)
+            weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
+        if criterion == "cov" and pair.groups == 1 and kept.size < n_out:
+            # Eq. S4: as many channels, those the others are best rebuilt from
+            cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
+            kept = select_by_covariance(cov, weights, n_keep=kept.size, gamma=gamma,
+                                        scores=unit_of[pair.name].scores)
         t = tick("select", t)
         bn_node = out.node(pair.bn.name)
         keep_outputs(out, node, bn_node, kept)
@@ -244,30 +305,36 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
         Wd = dense_filters(orig, onode)  # (N, C, R) original filters, original coordinates
+        ik = in_kept.get(onode.name)
+        if pair.dw is not None:
+            # depthwise chain: the depthwise channel and its BN go with the producer channel
+            dw = out.node(pair.dw.name)
+            if pair.bn2 is not None:
+                keep_outputs(out, dw, out.node(pair.bn2.name), kept)
+            else:
+                keep_rows(out, dw, kept)
+            dw.attrs["groups"] = int(kept.size)
+            in_kept[dw.name] = kept
+            finish(pair.dw)  # final now: quantized before the chain's statistics are read
+        extra = None
+        if eps_w is not None and bias_correction:
+            extra = -_bias_correct(out, node, eps_w, dm, onode, ik)
+        req = functools.partial(StatsRequest, pair, kept, Wd=Wd, Wq=_embedded_filters(Wd, kept, eps_w, ik, pair.groups),
+                                gamma=gamma, beta=beta, extra=extra)
         st_gap = None
-        if pair.dw is not None or pair.se is not None:
-            if pair.dw is not None:
-                # depthwise chain: the depthwise channel and its BN go with the producer channel
-                dw = out.node(pair.dw.name)
-                if pair.bn2 is not None:
-                    keep_outputs(out, dw, out.node(pair.bn2.name), kept)
-                else:
-                    keep_rows(out, dw, kept)
-                dw.attrs["groups"] = int(kept.size)
-                in_kept[dw.name] = kept
-            if eps_w is not None and bias_correction:
-                _bias_correct(out, node, eps_w, dm, onode, in_kept.get(onode.name))
-            if pair.se is not None:
-                # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the
-                # rebuilt pre-gate channels through the GAP (statistics read before the lazy data
-                # model drops them behind the mul)
-                st_gap = chain_stats(dm.value(pair.se.value), kept)
-                _prune_se_gate(out, pair, kept, onode.name, companion)
-            vs = dm.value(pair.value)
-            st = chain_stats(vs, kept) if vs is not None else st_gap
-        else:
-            st = _pair_stats(Wd, onode, pair, kept, eps_w, in_kept.get(onode.name), dm, gamma, beta,
-                             out if bias_correction else None, node)
+        if pair.se is not None:
+            # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the rebuilt
+            # pre-gate channels through the GAP (asked for before the gated value, which depends on it)
+            st_gap = source.stats(req(which="gap"))
+            if audit is not None:
+                audit.stats(req(which="gap"))
+            _prune_se_gate(out, pair, kept, onode.name, companion)
+            finish(pair.se.excite)
+            if method == "udfc":
+                _absorb_squeeze(out, orig, pair, kept, *_solved(udfc, onode, st_gap, n_out, alpha1, alpha2), in_kept)
+                finish(pair.se.squeeze)
+        st = source.stats(req(which="value"))
+        st_other = audit.stats(req(which="value")) if audit is not None else None
         if method == "udfc" and not all(np.all(np.isfinite(v)) for v in (st.mean_a, st.var_a, st.mean_q, st.cov_q,
                                                                         st.cross)):
             raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
@@ -280,18 +347,13 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
-        if st_gap is not None:
-            Ta, ta = udfc(st_gap, n_out, alpha1, alpha2) if method == "udfc" else (T, tt)
-            sq = pair.se.squeeze
-            absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype, fast=not exact)
-            in_kept[sq.name] = kept
+        if pair.se is not None and method != "udfc":
+            _absorb_squeeze(out, orig, pair, kept, T, tt, in_kept)  # nm / none: the same T for the squeeze
+            finish(pair.se.squeeze)
         t = tick("solve", t)
         _resize_reshapes(out, pair.reshapes, kept.size)
-        weights = np.zeros(n_out)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            cw = wc.reshape(wc.shape[0], n_out, -1)
-            weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
             absorb(out, out.node(c.node.name), T, tt, wc.dtype, fast=not exact)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
@@ -307,14 +369,26 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             record_layers[onode.name]["groups"] = int(pair.groups)
         if pair.se is not None:
             record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
-        reports.append(LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1,
-                                   ratio=ratio_of[pair.name]))
+        lrep = LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1,
+                           ratio=ratio_of[pair.name])
+        if st_other is not None:  # the auditor's view: the data model's prediction beside the measurement
+            st_pred, st_real = (st, st_other) if calibration_mode == "audit" else (st_other, st)
+            lrep.predicted_before, lrep.predicted_after = _e2(weights, st_pred, T0, t0_, T, tt)
+            lrep.measured_before, lrep.measured_after = _e2(weights, st_real, T0, t0_, T, tt)
+            lrep.stats_error = stats_error(st_pred, st_real)
+        reports.append(lrep)
         dm.release(onode.name)
+        source.release(onode.name)
+        if audit is not None:
+            audit.release(onode.name)
         t = tick("rewrite", t)
     if bar is not None:
         bar.update(len(layer_nodes))
         bar.close()
     _group_records(pruned_groups, group_kept, group_err, ratio_of, reports, record_layers, unpruned, orig)
+    for src in (source, audit):
+        if src is not None:
+            src.close()
 
     if prune_ratio > 0 and not any(r.channels_after < r.channels_before for r in reports):
         widths = [orig.shapes[p.producer.output][0] for p in pairs] + [g.size for g in groups]
@@ -327,6 +401,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         "layers": record_layers, "quantized": quantized,
         "unpruned": dict(unpruned), "prune_coupled": prune_coupled,
     }
+    if calibration is not None:
+        out.record["calibration"] = {"mode": calibration_mode, "images": int(calibration.shape[0])}
     if alloc is not None:
         out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
                                 "bit_choices": None if bit_choices is None else list(bit_choices),
@@ -340,6 +416,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     rep = Report(method, {k: out.record[k] for k in ("prune_ratio", "weight_bits", "criterion", "per_tensor",
                                                    "asymmetric", "mse_clip", "alpha1", "alpha2",
                                                    "bias_correction", "skip", "prune_coupled")}, reports)
+    if calibration is not None:
+        rep.options["calibration"] = out.record["calibration"]
     rep.params_before, rep.params_after = orig.param_count(), out.param_count()
     rep.bytes_before, rep.bytes_after = orig.weight_bytes(), out.weight_bytes()
     rep.flops_before, rep.flops_after = orig.flops(), out.flops()
@@ -402,27 +480,38 @@ def _resize_reshapes(model: Model, nodes, n_kept: int) -> None:
         node.attrs["shape"] = [int(n_kept)] + list(node.attrs["shape"][1:])
 
 
-def _pair_stats(Wd, onode, pair, kept, eps_w, ik, dm, gamma, beta, bc_model, node):
-    """Eq. D4-D5: the pair's statistics, with the quantization error of the
-    kept filters embedded in the original input coordinates (``Wd``: the
-    original filters as (N, C, R))."""
+def _e2(weights, st, T0, t0, T, t) -> tuple[float, float]:
+    """Eq. E2 of dropping (T0, t0) and of the method's (T, t) under ``st``."""
+    denom = float(weights @ (st.var_a + st.mean_a**2)) or 1.0
+    return float(weights @ objective(st, T0, t0)) / denom, float(weights @ objective(st, T, t)) / denom
+
+
+def _embedded_filters(Wd, kept, eps_w, ik, groups) -> np.ndarray:
+    """Eq. D4: the compressed kept filters in the original input coordinates,
+    (M, C, R): ``W[kept]`` with the quantization error ``eps_w`` embedded at
+    the kept input channels ``ik`` (all when None); a grouped producer's error
+    laid out densely (Eq. D1)."""
     Wq = Wd[kept].copy()
-    extra = None
     if eps_w is not None:
         E = eps_w.reshape(kept.size, -1, Wd.shape[2])
-        if pair.groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
-            og, cg = Wd.shape[0] // pair.groups, E.shape[1]
-            cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]
-            dense = np.zeros((kept.size,) + Wd.shape[1:])
-            dense[np.arange(kept.size)[:, None], cols, :] = E
-            E = dense
-        if ik is None:
+        if groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
+            og, cg = Wd.shape[0] // groups, E.shape[1]
+            cols = (kept // og)[:, None] * cg + np.arange(cg)[None, :]  # in the stored (kept-input) coordinates
+            if ik is not None:  # inputs pruned upstream (a coupled group): back to the original coordinates
+                cols = np.asarray(ik)[cols]
+            Wq[np.arange(kept.size)[:, None], cols, :] += E
+        elif ik is None:
             Wq += E
         else:
             Wq[:, ik, :] += E
-        if bc_model is not None:
-            extra = -_bias_correct(bc_model, node, eps_w, dm, onode, ik)
-    return pair_stats(Wd, Wq, dm.input_model(onode.name), gamma, beta, pair.act, kept, extra_shift=extra)
+    return Wq
+
+
+def _absorb_squeeze(out: Model, orig: Model, pair, kept, Ta, ta, in_kept) -> None:
+    """Eq. SE2: the SE gate's squeeze absorbs the rebuilding of its input."""
+    sq = pair.se.squeeze
+    absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
+    in_kept[sq.name] = kept
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True) -> np.ndarray | None:

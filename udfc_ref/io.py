@@ -344,6 +344,8 @@ _RECORD_FIELDS = {
     "skip": ("a list of layer names", _str_list),
     "unpruned": ("an object mapping layer names to reasons",
                  lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+    "calibration": ("an object {'mode': str, 'images': int}",
+                    lambda v: isinstance(v, dict) and isinstance(v.get("mode"), str) and _is_int(v.get("images"))),
 }
 #: per-layer entries of ``layers`` and ``quantized``
 _RECORD_ENTRY_FIELDS = {
