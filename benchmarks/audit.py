@@ -88,10 +88,10 @@ def capture():
         log.append({"kind": "chain", "kept": np.array(kept)})
         return orig_cs(values, kept)
 
-    def absorb(model, node, T, t, dtype):
+    def absorb(model, node, T, t, dtype, **kw):
         if "T" not in log[-1]:
             log[-1]["T"], log[-1]["t"] = np.array(T), np.array(t)
-        return orig_abs(model, node, T, t, dtype)
+        return orig_abs(model, node, T, t, dtype, **kw)
 
     # the data-free statistics source (udfc_ref.sources.DataFreeStats) calls these two
     _src.pair_stats, _src.chain_stats, _comp.absorb = pair_stats, chain_stats, absorb

@@ -55,11 +55,26 @@ import udfc_ref.solve as solve  # noqa: E402
 import udfc_ref.datamodel as dmodel  # noqa: E402  (attributes looked up late: UDFC_CODE may be older)
 
 
+def _terms_needed(rho, n_max, same, tol=1e-10):
+    """The series length used before issue 14 (one count per matrix): |rho|^n
+    below ``tol`` past it for the largest off-diagonal |rho|."""
+    a = np.abs(rho)
+    if same and a.shape[0] == a.shape[1] and a.shape[0] > 1:
+        a = a.copy()
+        np.fill_diagonal(a, 0.0)
+    rmax = float(a.max()) if a.size else 0.0
+    if rmax >= 1.0 - 1e-12:
+        return n_max
+    if rmax <= 0.0:
+        return 1
+    return int(min(n_max, max(1, np.ceil(np.log(tol) / np.log(rmax)))))
+
+
 def old_remainder_covariance(rho, ca, cb, var_a=None, var_b=None, same=False, marginals=None):
     """Eq. M3 with the remainder used before issue 11: rho^(n+1) sqrt(r_i r_k),
     r = Var - sum_n c_n^2 (exact only for proportional marginals)."""
     rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
-    n_terms = mm._terms_needed(rho, ca.shape[0], same)
+    n_terms = _terms_needed(rho, ca.shape[0], same)
     out = np.zeros_like(rho)
     if marginals is not None:
         ba, ga, bb, gb, act = marginals

@@ -1,17 +1,25 @@
-"""Speed and memory of udfc-ref on a ResNet-50-shaped model (issue "Evidence").
+"""Speed and memory of udfc-ref on the ResNet-50 layout and its wider variants
+(issues "Evidence" and "Fast and lean at any width").
 
-Measures, each over ``--repeat`` runs (min / median reported, never one run):
+Measures, each over ``--repeat`` runs (median, min and max reported):
 
-(a) the I/O floor: ``udfc_ref.load`` + ``udfc_ref.save`` of the file;
-(b) ``compress`` end to end at 30 % pruning + 6-bit (load + compress + save);
-(c) the split of (b)'s compress step by stage (data model, select, quantize,
-    solve, rewrite, validate) and per layer-pair solve cost vs channels;
-(d) NumPy forward vs PyTorch CPU forward of the same model (batch 8,
-    3x224x224, same thread count), when PyTorch is installed;
-(e) peak resident memory of ``udfc compress`` in a child process, against the
-    model's float32 size.
+(a)+(b) whole processes, alternated pair by pair (so both see the same
+    machine load): ``udfc compress IN OUT --prune-ratio 0.3 --weight-bits 6``
+    against the I/O floor, the same command with nothing to compress (load +
+    save + start-up); wall and CPU seconds and the peak resident memory of
+    each child (the operating system's accounting, ``os.wait4``);
+(c) the stage split of compress (data model, select, quantize, solve,
+    rewrite, validate), from the compression report;
+(d) NumPy forward vs PyTorch CPU forward of the same model (batch 8, alternated run by run,
+    3x224x224), at the same thread count, when PyTorch is installed.
 
-Usage: python benchmarks/speed.py [--repeat 5] [--threads 2] [--json out.json] [--smoke]
+``--threads`` sets the BLAS threads of NumPy (OPENBLAS_NUM_THREADS and
+friends, for this process and the children) and PyTorch's intra-op threads.
+``--width`` 64 is ResNet-50 (25.6 M parameters); 128 doubles every channel
+count (98 M); 256 quadruples it (383 M).
+
+Usage: python benchmarks/speed.py [--width 64] [--repeat 5] [--threads 1] [--json out.json]
+                                  [--no-forward | --forward-only] [--smoke]
 """
 
 from __future__ import annotations
@@ -20,15 +28,25 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=64, help="channels of the stem (64: ResNet-50)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the measurements here")
+    ap.add_argument("--no-forward", action="store_true", help="skip (d)")
+    ap.add_argument("--forward-only", action="store_true", help="only (d)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, one run each (for CI)")
+    return ap.parse_args(argv)
 
 
 def timed(fn, repeat):
@@ -38,100 +56,95 @@ def timed(fn, repeat):
         t = time.perf_counter()
         out = fn()
         ts.append(time.perf_counter() - t)
-    return {"min": min(ts), "median": statistics.median(ts), "runs": ts}, out
+    return {"min": min(ts), "median": statistics.median(ts), "max": max(ts), "runs": ts}, out
 
 
-def fmt(d):
-    return f"min {d['min']:.3f} s  median {d['median']:.3f} s"
+def forward(model, res, a, batch, hw):
+    """(d): NumPy forward against PyTorch's CPU forward of the same model, the
+    same input and thread count, alternated run by run (N T N T ...); the
+    ratio is the median of the per-pair ratios, in wall and in process CPU
+    seconds."""
+    import numpy as np
 
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="write the measurements here")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, one run each (for CI)")
-    a = ap.parse_args(argv)
-
-    import udfc_ref
-    from resnet50 import build
-
-    if a.smoke:
-        model = build(width=8, layers=(1, 1, 1, 1), classes=10, hw=32)
-        a.repeat, batch, hw = 1, 2, 32
-    else:
-        model = build()
-        batch, hw = 8, 224
-    res = {"params": model.param_count(), "float32_bytes": model.weight_bytes(), "repeat": a.repeat,
-           "threads": a.threads}
-    print(f"model: {res['params']:,} parameters, {res['float32_bytes'] / 2**20:.1f} MiB float32")
-    tmp = tempfile.mkdtemp(prefix="udfc-speed-")
-    src = os.path.join(tmp, "model.safetensors")
-    udfc_ref.save(model, src)
-
-    # (a) I/O floor
-    dst = os.path.join(tmp, "copy.safetensors")
-    res["io"], _ = timed(lambda: udfc_ref.save(udfc_ref.load(src), dst), a.repeat)
-    print(f"(a) load + save:             {fmt(res['io'])}")
-
-    # (b) compress end to end
-    out = os.path.join(tmp, "small.safetensors")
-
-    def run_compress():
-        m = udfc_ref.load(src)
-        small, rep = udfc_ref.compress(m, prune_ratio=0.3, weight_bits=6, method="udfc")
-        udfc_ref.save(small, out)
-        return rep
-
-    res["compress"], rep = timed(run_compress, a.repeat)
-    res["ratio_compress_over_io"] = res["compress"]["median"] / res["io"]["median"]
-    print(f"(b) load+compress+save:      {fmt(res['compress'])}   ratio to (a): "
-          f"{res['ratio_compress_over_io']:.2f}x (target <= 3x)")
-
-    # (c) stages of the last run, and solve time per pair vs channels
-    res["stages"] = rep.stage_seconds
-    total = sum(rep.stage_seconds.values())
-    print("(c) stages of compress: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
-                                                  for k, v in rep.stage_seconds.items()))
-
-    # (d) forward, NumPy vs PyTorch
     x = np.random.default_rng(0).standard_normal((batch, 3, hw, hw)).astype(np.float32)
-    res["numpy_forward"], y_np = timed(lambda: model.forward(x), a.repeat)
-    print(f"(d) NumPy forward (batch {batch}):  {fmt(res['numpy_forward'])}")
     try:
         import torch
 
         from converters.torch import to_module
-
-        torch.set_num_threads(a.threads)
-        mod = to_module(model)
-        xt = torch.from_numpy(x)
-        with torch.no_grad():
-            res["torch_forward"], y_t = timed(lambda: mod(xt), a.repeat)
-        res["ratio_numpy_over_torch"] = res["numpy_forward"]["median"] / res["torch_forward"]["median"]
-        diff = float(np.abs(y_t.numpy() - y_np).max() / np.abs(y_np).max())
-        print(f"    PyTorch forward:             {fmt(res['torch_forward'])}   NumPy/PyTorch "
-              f"{res['ratio_numpy_over_torch']:.2f}x (target <= 2x); max rel diff {diff:.1e}")
     except ImportError:
-        print("    PyTorch not installed: forward comparison skipped")
+        res["numpy_forward"], _ = timed(lambda: model.forward(x), a.repeat)
+        print(f"(d) NumPy forward (batch {batch}): median {res['numpy_forward']['median']:.3f} s; "
+              "PyTorch not installed: comparison skipped")
+        return
+    torch.set_num_threads(a.threads)
+    mod = to_module(model)
+    xt = torch.from_numpy(x)
+    y_np = model.forward(x)  # warm-up of both
+    with torch.no_grad():
+        y_t = mod(xt).numpy()
+    runs = {"numpy": [], "torch": []}
+    for _ in range(a.repeat):
+        for k, fn in (("numpy", lambda: model.forward(x)), ("torch", lambda: mod(xt))):
+            w, c = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                fn()
+            runs[k].append((time.perf_counter() - w, time.process_time() - c))
+    for k in runs:
+        ws = [r[0] for r in runs[k]]
+        res[f"{k}_forward"] = {"min": min(ws), "median": statistics.median(ws), "max": max(ws), "runs": runs[k]}
+    pairs = list(zip(runs["numpy"], runs["torch"]))
+    res["ratio_numpy_over_torch"] = statistics.median(n[0] / t[0] for n, t in pairs)
+    res["ratio_numpy_over_torch_cpu"] = statistics.median(n[1] / t[1] for n, t in pairs)
+    diff = float(np.abs(y_t - y_np).max() / np.abs(y_np).max())
+    print(f"(d) forward, batch {batch}, {a.threads} thread(s), {a.repeat} alternated pairs: NumPy median "
+          f"{res['numpy_forward']['median']:.3f} s, PyTorch {res['torch_forward']['median']:.3f} s; "
+          f"NumPy/PyTorch wall {res['ratio_numpy_over_torch']:.2f}x, cpu {res['ratio_numpy_over_torch_cpu']:.2f}x "
+          f"(target <= 1.5x); max rel diff {diff:.1e}")
 
-    # (e) peak memory of the CLI in a child process: its own VmHWM (the
-    # high-water mark of its address space after exec, so the parent's pages
-    # copied by fork are not counted)
-    code = ("import sys; from udfc_ref.cli import main; rc = main(sys.argv[1:]); "
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
-            "print(hwm.split()[1], file=sys.stderr); sys.exit(rc)")
-    cmd = [sys.executable, "-c", code, "compress", src, os.path.join(tmp, "cli.safetensors"),
-           "--prune-ratio", "0.3", "--weight-bits", "6"]
-    r = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = int(r.stderr.strip().splitlines()[-1]) * 1024
-    res["peak_rss_bytes"] = peak
-    res["peak_over_model"] = peak / res["float32_bytes"]
-    print(f"(e) peak RSS of 'udfc compress': {peak / 2**20:.0f} MiB = {res['peak_over_model']:.2f}x the float32 "
-          f"model (target <= 2x; includes the interpreter, NumPy and SciPy, ~55 MiB)")
+
+def main(argv=None):
+    a = parse(argv if argv is not None else sys.argv[1:])
+    want = str(a.threads)
+    if any(os.environ.get(v) != want for v in _THREAD_VARS) and "numpy" not in sys.modules:
+        os.environ.update({v: want for v in _THREAD_VARS})  # before NumPy loads its BLAS
+    import numpy as np
+
+    import udfc_ref
+    from resnet50 import build
+    from scaling import measure
+
+    if a.smoke:
+        make = lambda: build(width=8, layers=(1, 1, 1, 1), classes=10, hw=32)  # noqa: E731
+        a.repeat, batch, hw = 1, 2, 32
+    else:
+        make = lambda: build(width=a.width)  # noqa: E731
+        batch, hw = 8, 224
+    model = make()
+    res = {"width": a.width, "params": model.param_count(), "float32_bytes": model.weight_bytes(),
+           "repeat": a.repeat, "threads": a.threads}
+    print(f"model: {res['params']:,} parameters, {res['float32_bytes'] / 2**20:.1f} MiB float32; "
+          f"{a.threads} BLAS thread(s)")
+    if not a.forward_only:
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.update({v: want for v in _THREAD_VARS})
+        del model  # the children's peaks read from this process's size (scaling.run_child): hold no model
+        with tempfile.TemporaryDirectory(prefix="udfc-speed-") as tmp:
+            r = measure(make(), tmp, a.repeat, env)
+        model = make()
+        res.update(r)
+        c, f = r["compress"], r["floor"]
+        for label, x in (("(a) I/O floor, whole process:  ", f), ("(b) compress, whole process:   ", c)):
+            print(f"{label} wall {x['wall']:.2f} s  cpu {x['cpu']:.2f} s  peak {x['peak_mib']:.0f} MiB")
+        print(f"    compress / floor (pairs):   wall {r['ratio_wall']:.2f}x  cpu {r['ratio_cpu']:.2f}x (target <= 3x); "
+              f"peak / float32 model {r['peak_over_model']:.2f}x (target <= 2x)")
+        total = sum(r["stages"].values()) or 1.0
+        print("(c) stages of compress: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
+                                                      for k, v in r["stages"].items()))
+    if not a.no_forward:
+        forward(model, res, a, batch, hw)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=2)
     return res
 
 

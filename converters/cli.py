@@ -64,7 +64,7 @@ def cmd_import_torch(a) -> int:
 
 def cmd_import_keras(a) -> int:
     check_output_path(a.out, inputs=(a.src,))
-    _keras().export(a.src, a.out)
+    _keras().export(a.src, a.out, progress=True)
     print(f"wrote {a.out}")
     return 0
 
@@ -84,14 +84,14 @@ def cmd_export_torch(a) -> int:
         raise OptionError(f"{a.out}: the PyTorch output must end in .pt2 (a torch.export program)")
     from converters import torch as ct  # noqa: PLC0415
 
-    ct.save_pt2(a.src, a.out)
+    ct.save_pt2(a.src, a.out, progress=True)
     print(f"wrote {a.out} (torch.export program; run it with torch.export.load({a.out!r}).module())")
     return 0
 
 
 def cmd_export_keras(a) -> int:
     check_output_path(a.out, inputs=(a.src,))
-    _keras().save_keras(a.src, a.out)
+    _keras().save_keras(a.src, a.out, progress=True)
     print(f"wrote {a.out}")
     return 0
 

@@ -112,14 +112,18 @@ def _import_keras():
 # Keras -> IR
 # ===========================================================================
 
-def _convert(cfg, store, names, keras_major, where) -> Model:
+def _convert(cfg, store, names, keras_major, where, bar=None) -> Model:
     layers, in_name, (h, w, c), out_name = parse_config(cfg, where)
+    if bar is not None:
+        bar.total = max(len(layers), 1)
     b = Builder(where, keras_major)
     b.store = store
     b.reserved = {lay.name for lay in layers} | {in_name}
     b.vals[in_name] = Val(in_name, (c, h, w))
     b.shapes[in_name] = (c, h, w)
-    for lay in layers:
+    for li, lay in enumerate(layers):
+        if bar is not None:
+            bar.update(li, lay.name)
         for i in lay.inbound:
             if i not in b.vals:
                 raise ConversionError(f"{where}: layer {lay.name!r} reads {i!r}, which is not defined before it")
@@ -200,7 +204,7 @@ def _restore_names(nodes, tensors, in_name, out, names):
     return nodes, new_tensors, value_map.get(in_name, in_name), value_map.get(out, out)
 
 
-def read(src) -> Model:
+def read(src, progress: bool = False) -> Model:
     """Read a Keras model into a :class:`udfc_ref.Model` (float32 weights, NCHW).
 
     Parameters
@@ -209,6 +213,9 @@ def read(src) -> Model:
         A ``.keras`` archive, a legacy ``.h5`` file (read with zipfile/h5py,
         no Keras import), or a live Sequential / functional ``keras.Model``.
         Names recorded by :func:`save_keras` (``udfc_names.json``) are restored.
+    progress : bool
+        A progress bar with a time estimate on stderr (a terminal, work over
+        a second), one step per Keras layer.
 
     Raises
     ------
@@ -227,22 +234,26 @@ def read(src) -> Model:
     else:
         raise ConversionError(f"cannot read a Keras model from {type(src).__name__} (give a .keras / .h5 path or "
                               "a keras.Model)")
+    from udfc_ref.progress import Progress  # noqa: PLC0415
+
     try:
-        cfg, store, names, major = load()
-        return _convert(cfg, store, names, major, where)
+        with Progress(1, "import keras", enabled=None if progress else False) as bar:
+            bar.update(0, "reading the file")
+            cfg, store, names, major = load()
+            return _convert(cfg, store, names, major, where, bar)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise ConversionError(f"{where}: malformed or unexpected Keras model config "
                               f"({type(e).__name__}: {e})") from None
 
 
-def export(src, path) -> None:
+def export(src, path, progress: bool = False) -> None:
     """``read(src)`` and write it as a udfc-ref file at ``path`` (atomically;
-    ``path`` must not be ``src``)."""
+    ``path`` must not be ``src``); ``progress`` as for :func:`read`."""
     inp = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     check_output_path(path, inputs=(inp,))
     from udfc_ref.io import save  # noqa: PLC0415
 
-    save(read(src), path, input_path=inp)
+    save(read(src, progress=progress), path, input_path=inp)
 
 
 # ===========================================================================
@@ -296,7 +307,7 @@ def _relerr(got, ref) -> float:
     return float(np.abs(got - ref).max() / scale)
 
 
-def save_keras(src_path, out_path) -> None:
+def save_keras(src_path, out_path, progress: bool = False) -> None:
     """Write ``to_model(src_path)`` as a ``.keras`` file at ``out_path``.
 
     The archive gets one extra member, ``udfc_names.json``: per Keras layer,
@@ -306,43 +317,54 @@ def save_keras(src_path, out_path) -> None:
     :func:`read`, and both forwards are checked against the NumPy forward on
     a seeded random batch (relative error <= ``CHECK_RTOL``); the file is
     then written atomically.  ``out_path`` must end in ``.keras`` and must
-    not be the input.
+    not be the input.  ``progress``: a progress bar with a time estimate on
+    stderr (a terminal, work over a second): one step per node, then the
+    save, the two loads back and the check.
     """
+    from udfc_ref.progress import Progress  # noqa: PLC0415
+
     inp = os.fspath(src_path) if isinstance(src_path, (str, os.PathLike)) else None
     out_path = check_output_path(out_path, inputs=(inp,))
     if not out_path.endswith(".keras"):
         raise ConversionError(f"output {out_path!r}: Keras 3 saves whole models as .keras files; use that suffix")
     model = _as_model(src_path)
-    km, names = _build(model)
-    keras = _import_keras()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2,) + tuple(model.input_shape)).astype(np.float32)
-    ref = model.forward(x)
-    with tempfile.TemporaryDirectory(prefix="udfc-keras-") as d:
-        tmp = os.path.join(d, "model.keras")
-        try:
-            km.save(tmp)
-            with zipfile.ZipFile(tmp, "a") as z:
-                z.writestr(NAMES_FILE, json.dumps(names, ensure_ascii=True))
-        except OSError as e:
-            raise ConversionError(f"cannot write the Keras archive ({e})") from None
-        try:
-            back = keras.saving.load_model(tmp)
-            got = keras.ops.convert_to_numpy(back(x.transpose(0, 2, 3, 1), training=False))
-        except Exception as e:  # noqa: BLE001 - whatever Keras raises, nothing is written
-            msg = str(e).splitlines()[0] if str(e) else ""
-            raise ConversionError(f"the written Keras model does not load back ({type(e).__name__}: {msg}); "
-                                  "nothing was written") from None
-        ours = read(tmp)
-        for what, y in (("keras.saving.load_model", _nhwc_to_ir(got, ref)), ("converters.keras.read",
-                                                                             ours.forward(x))):
-            err = _relerr(y, ref)
-            if not np.isfinite(err) or err > CHECK_RTOL:
-                raise ConversionError(f"the written Keras model, loaded with {what}, differs from the udfc-ref "
-                                      f"forward by {err:.3g} of max |output| (tolerance {CHECK_RTOL}); nothing "
-                                      "was written")
-        with open(tmp, "rb") as f:
-            data = f.read()
+    n = len(model.nodes)
+    with Progress(n + 3, "export keras", enabled=None if progress else False) as bar:
+        from .keras_export import build  # noqa: PLC0415
+
+        keras = _import_keras()
+        km, names = build(model, keras, bar)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2,) + tuple(model.input_shape)).astype(np.float32)
+        ref = model.forward(x)
+        with tempfile.TemporaryDirectory(prefix="udfc-keras-") as d:
+            tmp = os.path.join(d, "model.keras")
+            bar.update(n, "saving the archive")
+            try:
+                km.save(tmp)
+                with zipfile.ZipFile(tmp, "a") as z:
+                    z.writestr(NAMES_FILE, json.dumps(names, ensure_ascii=True))
+            except OSError as e:
+                raise ConversionError(f"cannot write the Keras archive ({e})") from None
+            bar.update(n + 1, "loading it back with Keras")
+            try:
+                back = keras.saving.load_model(tmp)
+                got = keras.ops.convert_to_numpy(back(x.transpose(0, 2, 3, 1), training=False))
+            except Exception as e:  # noqa: BLE001 - whatever Keras raises, nothing is written
+                msg = str(e).splitlines()[0] if str(e) else ""
+                raise ConversionError(f"the written Keras model does not load back ({type(e).__name__}: {msg}); "
+                                      "nothing was written") from None
+            bar.update(n + 2, "reading it back and checking")
+            ours = read(tmp)
+            for what, y in (("keras.saving.load_model", _nhwc_to_ir(got, ref)), ("converters.keras.read",
+                                                                                 ours.forward(x))):
+                err = _relerr(y, ref)
+                if not np.isfinite(err) or err > CHECK_RTOL:
+                    raise ConversionError(f"the written Keras model, loaded with {what}, differs from the "
+                                          f"udfc-ref forward by {err:.3g} of max |output| (tolerance {CHECK_RTOL}); "
+                                          "nothing was written")
+            with open(tmp, "rb") as f:
+                data = f.read()
     write_bytes_atomic(out_path, data)
 
 

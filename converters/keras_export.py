@@ -322,17 +322,20 @@ def _global_avg_pool(ctx, n, xs):
 # the model
 # --------------------------------------------------------------------------
 
-def build(model, keras):
+def build(model, keras, bar=None):
     """(keras.Model, name map) computing what ``model.forward`` computes.
 
     The name map is ``{"format", "version", "input", "layers": {keras name:
-    {"node", "output", "tensors": {role: tensor name}}}}``."""
+    {"node", "output", "tensors": {role: tensor name}}}}``.  ``bar``: a
+    ``udfc_ref.progress.Progress`` advanced once per node."""
     ctx = Context(keras, model)
     c, h, w = model.input_shape
     in_name = ctx.names(model.input_name)
     inp = keras.Input((h, w, c), name=in_name)
     ctx.kt[model.input_name] = inp
-    for n in model.nodes:
+    for i, n in enumerate(model.nodes):
+        if bar is not None:
+            bar.update(i, n.name)
         f = EXPORTERS.get(n.op)
         if f is None:
             raise _err(n, "has no Keras equivalent in this exporter")

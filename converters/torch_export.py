@@ -441,29 +441,39 @@ def _renamed(model: Model) -> str:
     return json.dumps(renamed, ensure_ascii=True)
 
 
-def pt2_bytes(model: Model) -> bytes:
+def pt2_bytes(model: Model, progress: bool = False) -> bytes:
     """The bytes of a ``.pt2`` archive (``torch.export.save``) of
     ``to_module(model)`` with a dynamic batch axis, checked after loading
-    them back with ``torch.export.load`` at batch sizes 1, 2 and 3."""
+    them back with ``torch.export.load`` at batch sizes 1, 2 and 3.
+    ``progress``: a progress bar with a time estimate on stderr (a terminal,
+    work over a second), one step per phase."""
+    from udfc_ref.progress import Progress  # noqa: PLC0415
+
     torch = torch_module()
-    gm = to_module(model)
-    x = torch.zeros((2,) + tuple(model.input_shape), dtype=_dtype(model))
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        ep = torch.export.export(gm, (x,), dynamic_shapes=({0: batch},), strict=False)
-        buf = io.BytesIO()
-        torch.export.save(ep, buf, extra_files={NAMES_FILE: _renamed(model)})
-        data = buf.getvalue()
-        back = torch.export.load(io.BytesIO(data)).module()
-    except Exception as e:
-        raise ConversionError(f"cannot write the model as a torch.export program ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); nothing was "
-                              "written") from None
-    check_against(model, back, "torch.export (.pt2)", batches=(1, 2, 3))
+    with Progress(5, "export torch", enabled=None if progress else False) as bar:
+        bar.update(0, "building the module")
+        gm = to_module(model)
+        x = torch.zeros((2,) + tuple(model.input_shape), dtype=_dtype(model))
+        batch = torch.export.Dim("batch", min=1)
+        try:
+            bar.update(1, "torch.export")
+            ep = torch.export.export(gm, (x,), dynamic_shapes=({0: batch},), strict=False)
+            bar.update(2, "saving the program")
+            buf = io.BytesIO()
+            torch.export.save(ep, buf, extra_files={NAMES_FILE: _renamed(model)})
+            data = buf.getvalue()
+            bar.update(3, "loading it back")
+            back = torch.export.load(io.BytesIO(data)).module()
+        except Exception as e:
+            raise ConversionError(f"cannot write the model as a torch.export program ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); nothing was "
+                                  "written") from None
+        bar.update(4, "checking it against the NumPy forward")
+        check_against(model, back, "torch.export (.pt2)", batches=(1, 2, 3))
     return data
 
 
-def save_pt2(src, out_path) -> None:
+def save_pt2(src, out_path, progress: bool = False) -> None:
     """Write ``to_module(src)`` as a ``torch.export`` program to ``out_path``
     (``.pt2``) atomically.
 
@@ -475,7 +485,7 @@ def save_pt2(src, out_path) -> None:
     from udfc_ref.atomic import check_output_path, write_bytes_atomic  # noqa: PLC0415
 
     check_output_path(out_path, inputs=(src if not isinstance(src, Model) else None,))
-    write_bytes_atomic(out_path, pt2_bytes(load_model(src)))
+    write_bytes_atomic(out_path, pt2_bytes(load_model(src), progress=progress))
 
 
 def save_torchscript(src_path, out_path) -> None:

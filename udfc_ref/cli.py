@@ -49,13 +49,13 @@ def _write_udfc(model, path, input_path=None) -> None:
 def _write_keras(model, path, input_path=None) -> None:
     from converters import keras as ck  # noqa: PLC0415
 
-    ck.save_keras(model, path)
+    ck.save_keras(model, path, progress=True)
 
 
 def _write_pt2(model, path, input_path=None) -> None:
     from converters import torch as ct  # noqa: PLC0415
 
-    ct.save_pt2(model, path)
+    ct.save_pt2(model, path, progress=True)
 
 
 #: output suffix -> (format name, writer(model, path, input_path)).  The one
@@ -213,6 +213,10 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                    help="conv/linear layers left untouched (names as 'udfc info' prints them)")
     g.add_argument("--min-keep", type=_positive_int, default=1, metavar="N",
                    help="channels every pruned layer keeps at least (default 1)")
+    g.add_argument("--exact", action="store_true",
+                   help="float64 statistics with the Mehler series to 1e-10 (the reference path; about 2x the time "
+                        "and memory of the default float32 statistics, which agree with it to the tolerance in "
+                        "docs/derivation.md, 'Precision')")
     g.add_argument("--prune-coupled", action="store_true",
                    help="also prune coupled channels (residual streams, concat inputs, grouped-conv inputs), "
                         "rebuilt in every layer reading them; default: only the paper's conv-BN-act pairs")
@@ -234,7 +238,7 @@ def compress_kwargs(a) -> dict:
                 per_tensor=a.per_tensor, asymmetric=a.asymmetric, mse_clip=a.mse_clip, alpha1=a.alpha1,
                 alpha2=a.alpha2, bias_correction=a.bias_correction, skip=a.skip, min_keep=a.min_keep,
                 prune_coupled=a.prune_coupled, target_macs=a.target_macs, target_params=a.target_params,
-                target_bytes=a.target_bytes, bit_choices=a.bit_choices)
+                target_bytes=a.target_bytes, bit_choices=a.bit_choices, exact=a.exact)
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -296,10 +300,10 @@ def read_model(path: str, torch_module=None, input_shape=None):
     if path.lower().endswith(KERAS_SUFFIXES):
         from converters import keras as ck  # noqa: PLC0415
 
-        return ck.read(path)
+        return ck.read(path, progress=True)
     if path.lower().endswith(TORCH_SUFFIXES):
         raise UDFCError(f"{path}: a PyTorch file needs its module: add --torch-module pkg.mod:Net --input-shape C,H,W")
-    return load(path)
+    return load(path, writable=False)  # read-only map: compress gives the pages back as it goes
 
 
 def write_model(model, path: str, input_path=None) -> None:

@@ -25,6 +25,7 @@ from .checks import check_layer, check_numbers
 from .datamodel import DataModel, bn_affine, dense_filters
 from .errors import NumericError, OptionError
 from .graph import Model
+from .io import release_pages
 from .groups import find_groups
 from .pairs import find_pairs
 from .progress import Progress
@@ -86,7 +87,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
              alpha2: float = 0.008, bias_correction: bool = False, skip=(), mse_clip: bool = False,
              min_keep: int = 1, progress: bool = False, prune_coupled: bool = False, target_macs=None,
              target_params=None, target_bytes=None, bit_choices=None, calibration=None,
-             calibration_mode: str = "sequential") -> tuple[Model, Report]:
+             calibration_mode: str = "sequential", exact: bool = False) -> tuple[Model, Report]:
     """Prune ``prune_ratio`` of the output channels of every compressible
     layer, quantize weights to ``weight_bits``, and compensate with ``method``.
 
@@ -124,6 +125,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         activations; ``"independent"``: each pair on the original network's
         activations; ``"audit"``: compress data-free (the images change
         nothing in the model) and report the measured errors beside it.
+    exact : build the data model's covariances in float64 with the Mehler series to 1e-10
+        (the reference path) instead of float32 (faster, half the memory; within the
+        tolerance stated in ``docs/derivation.md``, "Precision").
 
     Returns
     -------
@@ -208,7 +212,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     group_err = {g.index: np.zeros(3) for g in pruned_groups}  # Eq. E2 sums: drop, after, energy
     t = tick("select", t)
     need_dm = pairs or pruned_groups or (weight_bits is not None and bias_correction)
-    dm = DataModel(orig, lazy=True) if need_dm else None
+    dm = None
+    if need_dm:
+        dm = DataModel(orig, lazy=True, dtype=np.float64 if exact else np.float32, skip_unread=True)
     t = tick("data model", t)
     # the statistics source (derivation section 13); with calibration images the data-free one is kept
     # beside it as the auditor's prediction (``audit``: the other view of the same pairs, for the report)
@@ -243,9 +249,11 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 _bias_correct(out, cnode, eps, dm, lnode, in_kept.get(lnode.name))
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
+    given_back = 0  # layers [0, given_back) whose original weights are read no more
     for step, onode in enumerate(layer_nodes):
         if bar is not None:
             bar.update(step, onode.name)
+        given_back = _give_back(orig, layer_nodes, given_back, step, dm)
         node = out.node(onode.name)
         wkey = node.params["weight"]
         pair = pair_of.get(onode.name)
@@ -263,9 +271,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 if onode.name in quantized:
                     quantized[onode.name] = quantized.pop(onode.name)
             elif bits is not None:
-                eps = _quantize_layer(out, node, bits, qkw, quantized)
+                eps = _quantize_layer(out, node, bits, qkw, quantized, error=bias_correction)
                 if bias_correction:
                     _bias_correct(out, node, eps, dm, onode, in_kept.get(onode.name))
+                del eps
             if dm is not None:
                 dm.release(onode.name)
             n_now = int(out.tensors[wkey].shape[0])
@@ -281,7 +290,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         weights = np.zeros(n_out)  # the consumers' column energies w_i of Eq. E2
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            weights += (wc.astype(np.float64).reshape(wc.shape[0], n_out, -1) ** 2).sum(axis=(0, 2))
+            cw = wc.reshape(wc.shape[0], n_out, -1)
+            weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
         if criterion == "cov" and pair.groups == 1 and kept.size < n_out:
             # Eq. S4: as many channels, those the others are best rebuilt from
             cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
@@ -344,7 +354,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         _resize_reshapes(out, pair.reshapes, kept.size)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            absorb(out, out.node(c.node.name), T, tt, wc.dtype)
+            absorb(out, out.node(c.node.name), T, tt, wc.dtype, fast=not exact)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
             in_kept[c.node.name] = kept
@@ -425,6 +435,17 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     return out, rep
 
 
+def _give_back(orig: Model, layer_nodes, done: int, step: int, dm) -> int:
+    """Return the memory of the original weights of the layers before ``step``
+    that the data model has propagated (nothing reads them again) when the
+    input file is memory-mapped read-only (``io.release_pages``; a no-op
+    otherwise).  Returns the new count of layers given back."""
+    while done < step and (dm is None or dm.propagated(layer_nodes[done].name)):
+        release_pages([orig.tensors[t] for t in layer_nodes[done].params.values()])
+        done += 1
+    return done
+
+
 def _nothing_pruned(prune_ratio, widths, unpruned, n_layers, weight_bits) -> str:
     """The text of the warning for a requested pruning that removed nothing
     (``widths``: output channels of each prunable layer)."""
@@ -493,8 +514,8 @@ def _absorb_squeeze(out: Model, orig: Model, pair, kept, Ta, ta, in_kept) -> Non
     in_kept[sq.name] = kept
 
 
-def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
-    """Quantize the layer's (current) weight in place; return Q(W) - W in float64."""
+def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True) -> np.ndarray | None:
+    """Quantize the layer's (current) weight in place; return Q(W) - W in float64 (None unless ``error``)."""
     key = node.params["weight"]
     w = model.tensors[key]
     q = quantize(w, bits, **qkw)
@@ -503,7 +524,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized) -> np.ndarray:
     model.quant[key] = q
     check_layer(model, node, f"{bits}-bit quantization", f"--skip {node.name} avoids it")
     quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
-    return deq.astype(np.float64) - w.astype(np.float64)
+    return deq.astype(np.float64) - w.astype(np.float64) if error else None
 
 
 def _bias_correct(model: Model, node, eps_w, dm: DataModel, onode, in_kept) -> np.ndarray:

@@ -129,19 +129,47 @@ def save(model: Model, path, *, input_path=None) -> None:
 
 
 def _check_reads_back(model: Model, tmp: str, path) -> None:
-    """The complete temp file loads with :func:`load` and holds exactly the
-    model's tensors; else NumericError/FormatError and nothing is written."""
+    """The complete temp file passes every check of :func:`load` and holds
+    exactly the model's tensors; else NumericError/FormatError and nothing is
+    written.
+
+    Done as :func:`load` does it (same header, metadata, codes and dtype
+    checks, the graph validated against the stored shapes) but one tensor at
+    a time from the memory-mapped file, each compared bit for bit with the
+    model's and its pages dropped again: no second copy of the model is ever
+    in memory."""
+    shown = path if isinstance(path, str) else os.fspath(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            back = load(tmp)
+            header, header_len, nodes, inp, qtable, record, output = _parse(tmp)
+            entries = dict(_entries(tmp, header))
+            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+            mapped = _Mapped(tmp, header_len, end)
+            used = {t for n in nodes for t in n.params.values()}
+            tensors = {}
+            for t in sorted(used):
+                names = [k for k in (t, t + "_scale", t + "_zero_point") if k in entries]
+                if t not in entries:
+                    continue  # Model() below names the missing tensor
+                raw = {k: mapped.array(entries[k]) for k in names}
+                back, _ = _parameter(tmp, t, raw, qtable, nodes)
+                a = model.tensors.get(t)
+                if a is None or a.shape != back.shape or a.dtype != back.dtype or not _same_bits(a, back):
+                    raise NumericError(f"{shown}: tensor {t!r} does not read back bit-identical; nothing was written")
+                tensors[t] = a
+                del raw, back
+                for k in names:
+                    mapped.drop(entries[k])
+            Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"], output_name=output,
+                  record=record)
     except UDFCError as e:
-        msg = str(e).replace(tmp, path if isinstance(path, str) else os.fspath(path))
+        msg = str(e).replace(tmp, shown)
+        if "nothing was written" in msg:
+            raise type(e)(msg) from None
         raise type(e)(f"the model would not load back, nothing was written: {msg}") from None
-    for t in {t for n in model.nodes for t in n.params.values()}:
-        a, b = model.tensors[t], back.tensors.get(t)
-        if b is None or a.shape != b.shape or a.dtype != b.dtype or not _same_bits(a, b):
-            raise NumericError(f"{path}: tensor {t!r} does not read back bit-identical; nothing was written")
+    if used != {t for n in model.nodes for t in n.params.values()}:
+        raise NumericError(f"{shown}: the stored graph does not use the model's tensors; nothing was written")
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -270,10 +298,12 @@ def _depth(obj) -> int:
     while stack:
         o, d = stack.pop()
         deepest = max(deepest, d)
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, list) else ()
+        nested = [v for v in items if isinstance(v, (dict, list))]  # scalars end at depth d + 1
+        if nested:
+            stack.extend((v, d + 1) for v in nested)
+        elif items:
+            deepest = max(deepest, d + 1)
     return deepest
 
 
@@ -372,12 +402,9 @@ _NP_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "
               "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
 
 
-def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file whose header :func:`_read_header`
-    checked (offsets, shapes and byte sizes agree): the data section is read
-    once into one writable buffer and each tensor is a view of it (no second
-    copy of the weights in memory).  Only the names in ``wanted`` (default:
-    all) become arrays; every entry is still checked."""
+def _entries(path, header: dict) -> list:
+    """The header's tensor entries sorted by offset, checked not to overlap
+    and to have a dtype udfc-ref reads; returns [(name, entry)]."""
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     end = 0
     for k, v in entries:
@@ -387,24 +414,108 @@ def _read_tensors(path, header: dict, header_len: int, wanted=None) -> dict[str,
         end = stop
         if v["dtype"] not in _NP_DTYPES:
             raise FormatError(f"{path}: tensor {k!r} has dtype {v['dtype']}, which udfc-ref does not read")
-    try:
-        with open_input(path) as f:
-            f.seek(8 + header_len)
-            buf = bytearray(end)
-            got = f.readinto(buf)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if got != end:
-        raise FormatError(f"{path}: the file ended while reading tensor data (truncated?)")
-    out = {}
-    for k, v in entries:
-        if wanted is not None and k not in wanted:
+    return entries
+
+
+class _Mapped:
+    """The data section of a safetensors file, memory-mapped: the tensors are
+    views of the file's pages, no copy in memory.  The map is private
+    (copy-on-write, ``writable=True``: a write into a tensor copies that page
+    for this process only) or read-only; the file is never written through
+    it.  :meth:`drop` (read-only maps only) returns a range's pages to the page
+    cache; they are read again if touched."""
+
+    def __init__(self, path, header_len: int, end: int, writable: bool = False):
+        import mmap
+
+        self.base = 8 + header_len
+        self.map = None
+        self.writable = writable
+        try:
+            with open_input(path) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.base + end:
+                    raise FormatError(f"{path}: the file ended while reading tensor data (truncated?)")
+                if size > 0:
+                    self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+
+    def array(self, entry: dict) -> np.ndarray:
+        start, stop = entry["data_offsets"]
+        dt = np.dtype(_NP_DTYPES[entry["dtype"]])
+        if stop == start:
+            return np.zeros(entry["shape"], dtype=dt.newbyteorder("="))
+        arr = np.frombuffer(self.map, dtype=dt, count=(stop - start) // dt.itemsize, offset=self.base + start)
+        return arr.reshape(entry["shape"]).astype(dt.newbyteorder("="), copy=False)
+
+    def drop(self, entry: dict) -> None:
+        start, stop = entry["data_offsets"]
+        self.drop_range(self.base + start, self.base + stop)
+
+    def drop_range(self, start: int, stop: int) -> None:
+        """Drop the pages lying wholly inside [start, stop) of the map (read-only maps only)."""
+        import mmap
+
+        if self.map is None or self.writable or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, stop // page * page
+        if hi <= lo:
+            return
+        try:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # pragma: no cover - advice only
+            pass
+
+
+def release_pages(arrays) -> None:
+    """Give the memory pages of ``arrays`` back to the page cache when they
+    are views of a file :func:`load` mapped read-only (``writable=False``):
+    the process's resident memory shrinks, and a later read of the array
+    reads the file again (same values).  A no-op for any other array."""
+    import mmap
+
+    for a in arrays:
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if not isinstance(base, mmap.mmap) or not a.size:
             continue
-        start, stop = v["data_offsets"]
-        dt = np.dtype(_NP_DTYPES[v["dtype"]])
-        arr = np.frombuffer(buf, dtype=dt, count=(stop - start) // dt.itemsize, offset=start)
-        out[k] = arr.reshape(v["shape"]).astype(dt.newbyteorder("="), copy=False)
-    return out
+        m = _MAPS.get(id(base))
+        if m is None or m.map is not base or m.writable:
+            continue
+        start = a.__array_interface__["data"][0] - _address(base)
+        m.drop_range(start, start + a.nbytes)
+
+
+def _address(mm) -> int:
+    """Start address of an mmap object's memory."""
+    return np.frombuffer(mm, dtype=np.uint8, count=1).__array_interface__["data"][0]
+
+
+#: id(mmap) -> its _Mapped, for the read-only maps of loaded models (release_pages)
+_MAPS: dict = {}
+
+
+def _read_tensors(path, header: dict, header_len: int, wanted=None, writable: bool = True) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file whose header :func:`_read_header`
+    checked (offsets, shapes and byte sizes agree), as views of the privately
+    memory-mapped file (no copy of the weights in memory; writing into an
+    array copies its page and never reaches the file).  Only the names in
+    ``wanted`` (default: all) become arrays; every entry is still checked."""
+    entries = _entries(path, header)
+    end = entries[-1][1]["data_offsets"][1] if entries else 0
+    mapped = _Mapped(path, header_len, end, writable=writable)
+    if not writable and mapped.map is not None:
+        import weakref
+
+        key = id(mapped.map)
+        _MAPS[key] = mapped
+        weakref.finalize(mapped.map, _MAPS.pop, key, None)
+    return {k: mapped.array(v) for k, v in entries if wanted is None or k in wanted}
 
 
 def _quantized(path, t, q, raw) -> QuantizedTensor:
@@ -470,17 +581,9 @@ def _quantized(path, t, q, raw) -> QuantizedTensor:
     return QuantizedTensor(codes, scale, zp, bits, sym, pc, dtype)
 
 
-def load(path) -> Model:
-    """Read a udfc-ref model file (never modifies it).
-
-    Every problem with the file raises a :class:`UDFCError` subclass
-    (FormatError, GraphError, NumericError) naming the tensor or node; tensors
-    the graph does not use are dropped with a ``UserWarning``."""
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise FormatError(f"{path!r} is not a file path") from None
-    check_input_file(path)
+def _parse(path):
+    """Header and metadata of a udfc-ref file, checked as :func:`load` checks
+    them: ``(header, header_len, nodes, inp, qtable, record, output)``."""
     header, header_len = _read_header(path)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
@@ -518,25 +621,55 @@ def load(path) -> Model:
         nodes = [Node.from_json(d, i) for i, d in enumerate(graph)]
     except GraphError as e:
         raise GraphError(f"{path}: {e}") from None
+    return header, header_len, nodes, inp, qtable, record, output
 
+
+def _parameter(path, t, raw, qtable, nodes):
+    """Parameter ``t`` as :func:`load` returns it, from the stored arrays
+    ``raw`` (its entries are consumed): ``(array, QuantizedTensor or None)``.
+    A quantized tensor is rebuilt from its codes (a new array); a float one is
+    the stored array itself (a view of the mapped file, copied only when not
+    aligned)."""
+    if t in qtable:
+        qt = _quantized(path, t, qtable[t], raw)
+        return qt.dequantize(), qt
+    v = raw.pop(t)
+    if v.dtype.name not in _FLOAT_DTYPES:
+        role = next(f"node {n.name!r}, {r}" for n in nodes for r, x in n.params.items() if x == t)
+        raise FormatError(f"{path}: tensor {t!r} ({role}) has dtype {v.dtype}; parameters must be "
+                          "float16/32/64 (or listed in the quantization table)")
+    return np.require(v, requirements=["C", "A"]), None
+
+
+def load(path, *, writable: bool = True) -> Model:
+    """Read a udfc-ref model file (never modifies it).
+
+    The file is memory-mapped privately: float parameters are views of its
+    pages (read from disk as they are touched; a write into one copies the
+    page and never reaches the file), quantized ones are rebuilt from their
+    codes.  ``writable=False`` maps it read-only instead: the float tensors
+    cannot be written into, and :func:`release_pages` can give their memory
+    back once they are read (``udfc compress`` does, layer by layer).  Every
+    problem with the file raises a
+    :class:`UDFCError` subclass (FormatError, GraphError, NumericError)
+    naming the tensor or node; tensors the graph does not use are dropped
+    with a ``UserWarning``."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise FormatError(f"{path!r} is not a file path") from None
+    check_input_file(path)
+    header, header_len, nodes, inp, qtable, record, output = _parse(path)
     used = {t for n in nodes for t in n.params.values()}
     aux = {t + s for t in qtable if t in used for s in ("_scale", "_zero_point")}
-    raw = _read_tensors(path, header, header_len, wanted=used | aux)  # no arrays for tensors nobody uses
+    raw = _read_tensors(path, header, header_len, wanted=used | aux, writable=writable)  # only used tensors
     tensors, quant = {}, {}
-    for t, q in qtable.items():
-        if t not in used:
-            continue  # its arrays stay in ``raw`` and are reported as unused below
-        qt = _quantized(path, t, q, raw)
-        quant[t] = qt
-        tensors[t] = qt.dequantize()
+    for t in qtable:
+        if t in used:  # the arrays of an unused one stay in ``raw`` and are reported as unused below
+            tensors[t], quant[t] = _parameter(path, t, raw, qtable, nodes)
     extra = sorted(set(header) - used - aux - {"__metadata__"})
     for k in sorted(used & set(raw)):
-        v = raw.pop(k)  # drop our reference as we go: the peak stays near one copy of the weights
-        if v.dtype.name not in _FLOAT_DTYPES:
-            role = next(f"node {n.name!r}, {r}" for n in nodes for r, x in n.params.items() if x == k)
-            raise FormatError(f"{path}: tensor {k!r} ({role}) has dtype {v.dtype}; parameters must be "
-                              "float16/32/64 (or listed in the quantization table)")
-        tensors[k] = np.require(v, requirements=["W", "C"])  # copies only when not writable / contiguous
+        tensors[k], _ = _parameter(path, k, raw, {}, nodes)
     try:
         model = Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"],
                       output_name=output, record=record, quant=quant)

@@ -38,8 +38,8 @@ ACTIVATIONS = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "identity": (-np.inf,
 #: pairs (s_j, a_j) (Eq. M3'); identity is linear (its Mehler series ends at n = 1)
 RAMPS = {"relu": ((1.0, 0.0),), "relu6": ((1.0, 0.0), (-1.0, 6.0)), "identity": ()}
 
-#: the Mehler remainder is modelled where |rho|^(n+1) can exceed this (Eq. M3')
-TAIL_TOL = 1e-10
+#: entries of the M3' remainder evaluated per chunk (bounded temporaries)
+_PM_CHUNK = 65536
 
 
 def _phi(t):
@@ -128,19 +128,99 @@ def hermite_coefficients(beta, gamma, act="relu", n_terms=N_HERMITE):
     return np.where(live, out, 0.0)
 
 
-def _terms_needed(rho, n_max, same, tol=1e-10):
-    """How many Hermite terms matter: |rho|^n below ``tol`` past that (the
-    diagonal of a same-channel matrix, rho = 1, is set exactly anyway)."""
-    a = np.abs(rho)
-    if same and a.shape[0] == a.shape[1] and a.shape[0] > 1:
-        a = a.copy()
-        np.fill_diagonal(a, 0.0)
-    rmax = float(a.max()) if a.size else 0.0
-    if rmax >= 1.0 - 1e-12:
-        return n_max
-    if rmax <= 0.0:
-        return 1
-    return int(min(n_max, max(1, np.ceil(np.log(tol) / np.log(rmax)))))
+#: an entry's Mehler series stops after the first ``n`` with ``|rho|^(n+1) <= MEHLER_TOL``
+#: (the remainder is then below ``MEHLER_TOL * sqrt(Var_i Var_k)``, Eq. M3')
+MEHLER_TOL = 1e-10
+#: the same for float32 covariances: float32's resolution, 2^-23 (Eq. M3', derivation "Precision")
+MEHLER_TOL32 = 2.0**-23
+#: elements of the (rows, B) block the Horner loop works on (cache sized)
+MEHLER_BLOCK = 16384
+#: cost of one gathered term relative to one term of the blocked Horner loop
+_GATHER_COST = 6.0
+
+
+def _thresholds(n_max: int, tol: float) -> np.ndarray:
+    """thr[n] = tol^(1/(n+1)), n = 0..n_max: an entry needs at most n terms
+    when |rho| <= thr[n]."""
+    return tol ** (1.0 / (np.arange(n_max + 1) + 1.0))
+
+
+def _common_depth(a: np.ndarray, thr: np.ndarray) -> int:
+    """The number of terms the blocked Horner loop sums for every entry: the
+    one minimising (terms for all) + (extra terms for the gathered rest), the
+    distribution of |rho| estimated from an evenly strided sample."""
+    n_max = thr.size - 1
+    flat = a.reshape(-1)
+    step = max(1, flat.size // 8192)
+    sample = np.sort(flat[::step])
+    # fraction of entries needing more than n terms, n = 0..n_max
+    above = 1.0 - np.searchsorted(sample, thr, side="right") / max(sample.size, 1)
+    cost = np.arange(n_max + 1) + _GATHER_COST * above * (n_max - np.arange(n_max + 1))
+    return int(max(1, np.argmin(cost[1:]) + 1))
+
+
+def mehler_sum(rho: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray, same: bool = False,
+               tol: float = MEHLER_TOL) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``S_ik = sum_{n=1}^{n_ik} rho_ik^n c_n(i) c_n(k)`` (Eq. M3) for ``rho``
+    clipped to [-1, 1], each entry cut after its own ``n_ik`` = the first n
+    with ``|rho_ik|^(n+1) <= tol`` (at most ``coef.shape[0]`` terms).  By
+    Cauchy-Schwarz the omitted remainder is
+    ``|sum_{m>n} rho^m c_m(i) c_m(k)| <= |rho|^(n+1) sqrt(Var_i Var_k)``, so every
+    entry is within ``tol sqrt(Var_i Var_k)`` of the full series.
+
+    All entries go through a cache-blocked Horner loop of a common depth
+    (chosen from a sample of ``|rho|``); the entries that need more terms are
+    found block by block and completed from a gathered list.  Temporaries are
+    of block size: the only full-size array is the result.  With ``same`` the
+    diagonal is excluded from the term counts (its caller sets it exactly).
+    Returns ``(S, (i, k))``, the indices of the entries whose series is not
+    done after ``n_max`` terms (``|rho|^(n_max+1) > tol``)."""
+    n_max = coef_a.shape[0]
+    nr, nc = rho.shape
+    thr = _thresholds(n_max, tol)
+    flat = rho.reshape(-1)
+    sample = np.abs(flat[:: max(1, flat.size // 8192)]) if flat.size else flat
+    n1 = _common_depth(sample, thr) if flat.size else 1
+    diag = same and nr == nc and nr > 1
+    out = np.empty_like(rho)
+    rows = max(1, MEHLER_BLOCK // max(nc, 1))
+    tmp = np.empty((min(rows, nr), nc), dtype=rho.dtype)
+    rbuf = np.empty_like(tmp)
+    far_i, far_k = [], []
+    for r0 in range(0, nr, rows):
+        r1 = min(r0 + rows, nr)
+        rb, ob, tb = rbuf[: r1 - r0], out[r0:r1], tmp[: r1 - r0]
+        np.clip(rho[r0:r1], -1.0, 1.0, out=rb)
+        np.multiply(coef_a[n1 - 1, r0:r1, None], coef_b[n1 - 1, None, :], out=ob)
+        for n in range(n1 - 2, -1, -1):
+            ob *= rb
+            np.multiply(coef_a[n, r0:r1, None], coef_b[n, None, :], out=tb)
+            ob += tb
+        ob *= rb
+        np.abs(rb, out=tb)  # the entries needing more than n1 terms (or the M3' tail)
+        if diag:
+            d = np.arange(r0, r1)
+            tb[d - r0, d] = 0.0
+        i, k = np.nonzero(tb > thr[n1])
+        if i.size:
+            far_i.append(i + r0)
+            far_k.append(k)
+    if not far_i:
+        return out, (np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp))
+    i, k = np.concatenate(far_i), np.concatenate(far_k)
+    r = np.clip(rho[i, k], -1.0, 1.0)
+    ar = np.abs(r)
+    if n1 < n_max:
+        deepest = int(np.searchsorted(thr, float(ar.max()), side="left"))  # first n with thr[n] >= max |r|
+        deepest = min(max(deepest, n1 + 1), n_max)
+        p = r ** n1
+        acc = np.zeros_like(r)
+        for n in range(n1 + 1, deepest + 1):
+            p *= r
+            acc += p * coef_a[n - 1, i] * coef_b[n - 1, k]
+        out[i, k] += acc
+    tail = ar > thr[n_max]
+    return out, (i[tail], k[tail])
 
 
 def covariance_pm1(beta_a, gamma_a, beta_b, gamma_b, act):
@@ -194,40 +274,41 @@ def activation_covariance(rho, coef_a, coef_b, var_a=None, var_b=None, same=Fals
 
     rho : (A, B) correlation of the standardised pre-activations;
     coef_a (n, A), coef_b (n, B) from :func:`hermite_coefficients`.
-    The series stops after the term where ``max |rho|^n`` falls below 1e-10
-    (at most ``N_HERMITE`` terms).
+    Each entry's series stops after the first term ``n`` with
+    ``|rho|^(n+1) <= tol`` (at most ``N_HERMITE`` terms; :func:`mehler_sum`),
+    ``tol = MEHLER_TOL`` (1e-10) for float64 ``rho``, ``MEHLER_TOL32`` (float32
+    resolution) for float32 ``rho``: the omitted part of an entry is below
+    ``tol sqrt(Var_i Var_k)``.  The result has ``rho``'s float dtype.
     ``marginals = (beta_a, gamma_a, beta_b, gamma_b, act)`` (the BN marginals of
-    the two sets) adds the remainder of the series as
+    the two sets) adds, for the entries still above ``tol`` after ``N_HERMITE``
+    terms, the remainder of the series as
     ``|rho|^(n+1) R_+-``, with ``R_+ = Cov_{rho=1} - sum_n c_n c_n`` and
     ``R_- = Cov_{rho=-1} - sum_n (-1)^n c_n c_n`` its exact values at rho = +-1
-    (:func:`covariance_pm1`; Eq. M3'): exact at rho in {-1, 0, 1} for any two
-    marginals.  It is evaluated only for the pairs with ``|rho|^(n+1) >
-    TAIL_TOL``.  ``same=True`` (the two sets are the same channels) puts the
-    exact variance ``var_a`` on the diagonal.
+    (:func:`covariance_pm1`, float64; Eq. M3'): exact at rho in {-1, 0, 1} for
+    any two marginals.  ``same=True`` (the two sets are the same channels) puts
+    the exact variance ``var_a`` on the diagonal.
     """
-    rho = np.clip(np.asarray(rho, dtype=np.float64), -1.0, 1.0)
-    n_terms = _terms_needed(rho, coef_a.shape[0], same)
-    # Horner: sum_n rho^n A_n = rho (A_1 + rho (A_2 + ... rho (A_n + rho * tail)))
-    out = np.zeros_like(rho)
-    if marginals is not None:
-        a = np.abs(rho)
-        if same and a.shape[0] == a.shape[1]:
-            a = a.copy()
-            np.fill_diagonal(a, 0.0)
-        i, k = np.nonzero(a ** (n_terms + 1) > TAIL_TOL)
+    rho = np.asarray(rho)
+    dt = rho.dtype if rho.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    rho = rho.astype(dt, copy=False)  # clipped to [-1, 1] inside mehler_sum, block by block
+    n_terms = coef_a.shape[0]
+    out, (i, k) = mehler_sum(rho, coef_a.astype(dt), coef_b.astype(dt), same,
+                             MEHLER_TOL if dt == np.float64 else MEHLER_TOL32)
+    if marginals is not None and i.size:
         beta_a, gamma_a, beta_b, gamma_b, act = marginals
         pm = covariance_pm1(np.asarray(beta_a)[i], np.asarray(gamma_a)[i], np.asarray(beta_b)[k],
-                            np.asarray(gamma_b)[k], act) if i.size else None
+                            np.asarray(gamma_b)[k], act)
         if pm is not None:
-            prod = coef_a[:n_terms, i] * coef_b[:n_terms, k]
-            sign = np.where(np.arange(1, n_terms + 1) % 2 == 1, -1.0, 1.0)[:, None]
-            r_plus = pm[0] - prod.sum(0)
-            r_minus = pm[1] - (sign * prod).sum(0)
-            out[i, k] = np.where(rho[i, k] >= 0, r_plus, (-1.0) ** (n_terms + 1) * r_minus)
-    for n in range(n_terms - 1, -1, -1):
-        out *= rho
-        out += coef_a[n][:, None] * coef_b[n][None, :]
-    out *= rho
+            sign = np.where(np.arange(1, n_terms + 1) % 2 == 1, -1.0, 1.0)
+            ca, cb = np.asarray(coef_a, dtype=np.float64), np.asarray(coef_b, dtype=np.float64)
+            s_plus, s_minus = np.empty(i.size), np.empty(i.size)
+            for r in range(0, i.size, _PM_CHUNK):  # (n_terms, chunk) temporaries
+                prod = ca[:, i[r:r + _PM_CHUNK]] * cb[:, k[r:r + _PM_CHUNK]]
+                s_plus[r:r + _PM_CHUNK] = prod.sum(0)
+                s_minus[r:r + _PM_CHUNK] = sign @ prod
+            rr = np.clip(rho[i, k].astype(np.float64), -1.0, 1.0)
+            rem = np.where(rr >= 0, pm[0] - s_plus, pm[1] - s_minus)  # R_+ or R_-
+            out[i, k] += (np.abs(rr) ** (n_terms + 1) * rem).astype(dt)
     if same and var_a is not None:
         np.fill_diagonal(out, var_a)
     return out

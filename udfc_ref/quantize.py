@@ -23,6 +23,7 @@ NumPy forward used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,14 +73,33 @@ def _bshape(ndim: int, per_channel: bool):
     return (-1,) + (1,) * (ndim - 1) if per_channel else (1,) * ndim
 
 
+#: elements per block of the float64 temporaries of (de)quantization: rows of
+#: the weight are processed a block at a time, so the peak memory is that of the
+#: result, not of float64 copies of the whole tensor
+_BLOCK = 1 << 18
+
+
+def _row_blocks(shape):
+    """Slices of axis 0 covering about ``_BLOCK`` elements each."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else 1
+    step = max(1, _BLOCK // per_row)
+    return [slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step)] if shape else [slice(None)]
+
+
 def dequantize(codes, scale, zero_point, dtype=np.float32) -> np.ndarray:
     """x_hat = scale * (q - zero_point) (Eq. Q1), evaluated in float64 and
-    rounded once to ``dtype``."""
+    rounded once to ``dtype`` (block of rows by block of rows)."""
     shp = _bshape(codes.ndim, scale.size > 1)
-    q = codes.astype(np.float64)
-    if zero_point is not None:
-        q = q - zero_point.astype(np.float64).reshape(shp)
-    return (q * scale.astype(np.float64).reshape(shp)).astype(dtype)
+    per_channel = scale.size > 1
+    s64 = scale.astype(np.float64).reshape(shp)
+    z64 = None if zero_point is None else zero_point.astype(np.float64).reshape(shp)
+    out = np.empty(codes.shape, dtype=dtype)
+    for rows in _row_blocks(codes.shape):
+        q = codes[rows].astype(np.float64)
+        if z64 is not None:
+            q = q - (z64[rows] if per_channel else z64)
+        out[rows] = q * (s64[rows] if per_channel else s64)
+    return out
 
 
 def _codes(x64, scale, zp, qmin, qmax, shp):
@@ -135,13 +155,13 @@ def quantize(w: np.ndarray, bits: int, symmetric: bool = True, per_channel: bool
     if w.dtype.kind != "f":
         raise OptionError(f"can only quantize float tensors, got {w.dtype}")
     dtype = w.dtype
-    x = w.astype(np.float64)
-    shp = _bshape(x.ndim, per_channel)
-    flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    shp = _bshape(w.ndim, per_channel)
+    wflat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    lo, hi = wflat.min(axis=1).astype(np.float64), wflat.max(axis=1).astype(np.float64)  # exact in float64
     qmin, qmax = qrange(bits, symmetric)
     scale, zp = _scale_zp(lo, hi, bits, symmetric, dtype)
     if mse_clip:
+        flat = wflat.astype(np.float64)
         best_err = np.full(flat.shape[0], np.inf)
         best_scale, best_zp = scale, zp
         for r in np.linspace(1.0, 1.0 / n_grid, n_grid):
@@ -155,14 +175,18 @@ def quantize(w: np.ndarray, bits: int, symmetric: bool = True, per_channel: bool
             if z is not None:
                 best_zp = np.where(better, z, best_zp)
         scale, zp = best_scale, best_zp
-    codes = _codes(x, scale, zp, qmin, qmax, shp)
     cdtype = np.int8 if bits <= 8 else np.int16
     if not symmetric and bits == 8:
         cdtype = np.uint8
     if not symmetric and bits == 16:
         cdtype = np.uint16
+    codes = np.empty(w.shape, dtype=cdtype)
+    for rows in _row_blocks(w.shape):  # float64 temporaries of one block of rows at a time
+        sc = scale[rows] if per_channel else scale
+        z = None if zp is None else (zp[rows] if per_channel else zp)
+        codes[rows] = _codes(w[rows].astype(np.float64), sc, z, qmin, qmax, shp)
     return QuantizedTensor(
-        codes=codes.astype(cdtype),
+        codes=codes,
         scale=scale.astype(dtype),
         zero_point=None if zp is None else zp.astype(cdtype),
         bits=int(bits),
@@ -179,24 +203,74 @@ def fake_quantize(w, bits, **kw) -> np.ndarray:
 
 # ----------------------------------------------------------------- packing
 
+#: codes per chunk of the (un)packing loops: bounded temporaries for any tensor size
+_PACK_CHUNK = 8 * 65536
+
+
+def _layout(bits: int):
+    """(codes per group, bytes per group, integer type holding a group): a
+    group of codes fills whole bytes (8 / gcd(8, bits) codes)."""
+    g = 8 // math.gcd(8, bits)
+    nb = bits * g // 8
+    return g, nb, (np.uint8 if nb == 1 else np.uint32 if nb <= 4 else np.uint64)
+
+
 def pack_codes(codes: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """Pack integer codes of width ``bits`` < 8 into a flat uint8 array,
-    most significant bit first, after offsetting to unsigned (q - qmin)."""
+    most significant bit first, after offsetting to unsigned (q - qmin).
+
+    A group of codes that fills whole bytes (4 six-bit codes in 3 bytes) is
+    one integer of their fields; its bytes are written out, in chunks of
+    ``_PACK_CHUNK`` codes (temporaries of a few MB, whatever the tensor)."""
     qmin, _ = qrange(bits, symmetric)
-    u = (codes.astype(np.int16) - qmin).astype(np.uint8).reshape(-1)
-    b = np.unpackbits(u[:, None], axis=1)[:, 8 - bits:]
-    return np.packbits(b.reshape(-1))
+    flat = np.asarray(codes).reshape(-1)
+    n = flat.size
+    out = np.empty(-(-n * bits // 8), dtype=np.uint8)
+    g, nb, it = _layout(bits)
+    step = _PACK_CHUNK - _PACK_CHUNK % g
+    for s in range(0, n, step):
+        u = (flat[s:s + step].view(np.uint8) - np.uint8(qmin % 256)).astype(it)  # q - qmin, exact in range
+        groups = -(-u.size // g)
+        if u.size != g * groups:
+            u = np.concatenate([u, np.zeros(g * groups - u.size, dtype=it)])
+        u = u.reshape(groups, g)
+        v = u[:, 0] << it(bits * (g - 1)) if g > 1 else u[:, 0].copy()
+        for j in range(1, g):
+            v |= u[:, j] << it(bits * (g - 1 - j))
+        b = np.empty((groups, nb), dtype=np.uint8)
+        for k in range(nb):
+            b[:, k] = v >> it(8 * (nb - 1 - k))  # the cast keeps the low byte
+        o = s // g * nb
+        out[o:o + b.size] = b.reshape(-1)[: out.size - o]
+    return out
 
 
 def unpack_codes(packed: np.ndarray, bits: int, symmetric: bool, shape) -> np.ndarray:
-    """Inverse of :func:`pack_codes`; returns int8 codes of ``shape``."""
+    """Inverse of :func:`pack_codes`; returns int8 codes of ``shape``
+    (uint8 for asymmetric codes), chunk by chunk like the packer."""
     n = int(np.prod(shape))
     need = int(np.ceil(n * bits / 8))
     if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != need:
         raise ValueError(f"packed codes must be {need} uint8 bytes, got {packed.size} {packed.dtype}")
-    b = np.unpackbits(packed)[: n * bits].reshape(n, bits)
-    full = np.zeros((n, 8), dtype=np.uint8)
-    full[:, 8 - bits:] = b
-    u = np.packbits(full, axis=1).reshape(-1).astype(np.int16)
     qmin, _ = qrange(bits, symmetric)
-    return (u + qmin).astype(np.int8 if symmetric else np.uint8).reshape(shape)
+    out = np.empty(n, dtype=np.int8 if symmetric else np.uint8)
+    g, nb, it = _layout(bits)
+    mask = it((1 << bits) - 1)
+    step = _PACK_CHUNK - _PACK_CHUNK % g
+    ov = out.view(np.uint8)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        groups = -(-(e - s) // g)
+        o = s // g * nb
+        raw = packed[o:o + groups * nb]
+        if raw.size != groups * nb:
+            raw = np.concatenate([raw, np.zeros(groups * nb - raw.size, dtype=np.uint8)])
+        raw = raw.reshape(groups, nb)
+        v = raw[:, 0].astype(it) << it(8 * (nb - 1)) if nb > 1 else raw[:, 0].astype(it)
+        for k in range(1, nb):
+            v |= raw[:, k].astype(it) << it(8 * (nb - 1 - k))
+        u = np.empty((groups, g), dtype=np.uint8)
+        for j in range(g):
+            u[:, j] = (v >> it(bits * (g - 1 - j))) & mask
+        ov[s:e] = u.reshape(-1)[: e - s] + np.uint8(qmin % 256)  # + qmin, modulo 256 as the int8 view needs
+    return out.reshape(shape)

@@ -7,6 +7,8 @@ import numpy as np
 from .errors import OptionError
 
 DEAD_GAMMA = 1e-12
+#: elements of the float64 block of rows :func:`channel_scores` works on
+_SCORE_BLOCK = 1 << 18
 
 
 def channel_scores(weight: np.ndarray, criterion: str = "l1", gamma=None, sigma=None) -> np.ndarray:
@@ -14,8 +16,12 @@ def channel_scores(weight: np.ndarray, criterion: str = "l1", gamma=None, sigma=
     sigma_i when BN scaling is asked for (``gamma`` and ``sigma`` given)."""
     if criterion not in ("l1", "l2"):
         raise OptionError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
-    w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
-    s = np.abs(w).sum(1) if criterion == "l1" else np.sqrt((w * w).sum(1))
+    w = np.asarray(weight).reshape(weight.shape[0], -1)
+    s = np.empty(w.shape[0])
+    rows = max(1, _SCORE_BLOCK // max(w.shape[1], 1))
+    for r0 in range(0, w.shape[0], rows):  # float64 a block of rows at a time (the same sums, bounded memory)
+        b = w[r0:r0 + rows].astype(np.float64)
+        s[r0:r0 + rows] = np.abs(b).sum(1) if criterion == "l1" else np.sqrt((b * b).sum(1))
     if gamma is not None:
         s = s * np.abs(gamma) / sigma
     return s

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .datamodel import gram_sym
 from .moments import activation_covariance, activation_mean_var, hermite_coefficients
 
 
@@ -46,6 +47,16 @@ class PairStats:
 def _pow2(x: float) -> float:
     """The largest power of two <= ``x`` (1.0 for 0, Inf or NaN): dividing by it is exact."""
     return math.ldexp(1.0, math.frexp(x)[1] - 1) if 0 < x < math.inf else 1.0
+
+
+def _absmax(a: np.ndarray) -> float:
+    """max |a| without an |a| temporary (0 for an empty array)."""
+    return max(float(a.max(initial=0.0)), -float(a.min(initial=0.0)))
+
+
+def _blocks(n: int, size: int = 256) -> list:
+    """Slices covering range(n) in blocks of ``size`` rows (bounded temporaries)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
 
 
 def _safe_div(a, b):
@@ -71,23 +82,39 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     kept = np.asarray(kept)
     # every output below is invariant to one common scale of W, Wq and the shift (s, sq, shift scale
     # alike; rho, delta, scale are ratios): a power of two divides out exactly (bit-identical
-    # results), so weights near the float limit cannot overflow the squares below
-    c = _pow2(max(float(np.abs(W).max(initial=0.0)), float(np.abs(Wq).max(initial=0.0))))
+    # results), so weights near the float limit cannot overflow the squares below; ordinary weights
+    # are left as they are (the same bits, no scaled copies)
+    c = _pow2(max(_absmax(W), _absmax(Wq)))
+    c = c if not 2.0**-100 <= c <= 2.0**100 else 1.0
+    A = im.cached(W)  # (Sigma_x W^T) as (N, K, C), as the data model computed it for this layer
+    if A is not None and c != 1.0:
+        A = A / c  # exact (a power of two), unless it overflowed unscaled
+        A = A if np.all(np.isfinite(A)) else None
     if c != 1.0:
         W, Wq = W / c, Wq / c
         extra_shift = None if extra_shift is None else extra_shift / c
-    A = im.cov_times(W)  # (Sigma_x W^T) as (N, K, C), computed once
-    Wq_t = Wq.transpose(0, 2, 1).reshape(Wq.shape[0], -1)
-    G = np.einsum("nkc,nkc->n", A, W.transpose(0, 2, 1))
+    if A is None:
+        A = im.cov_times(W)
+    n, m = W.shape[0], Wq.shape[0]
+    dt = A.dtype  # the data model's precision (float32 fast path, float64 exact reference)
+    Wq_t = np.ascontiguousarray(Wq.transpose(0, 2, 1), dtype=dt).reshape(m, -1)
+    G = np.einsum("nkc,nck->n", A, W)  # diag(W Sigma_x W^T), float64
     s = np.sqrt(np.clip(G, 0, None))
-    Gq = im.cov_times(Wq).reshape(Wq.shape[0], -1) @ Wq_t.T
-    sq = np.sqrt(np.clip(np.diag(Gq), 0, None))
-    Gx = A.reshape(A.shape[0], -1) @ Wq_t.T
-    rho_q = _safe_div(Gq, np.outer(sq, sq))
+    Gq = gram_sym(im.cov_times_kc(Wq_t.reshape(m, Wq.shape[2], Wq.shape[1])).reshape(m, -1), Wq_t)  # G~, symmetric
+    sq = np.sqrt(np.clip(np.diag(Gq).astype(np.float64), 0, None))
+    rho_x = A.reshape(n, -1) @ Wq_t.T  # G_x = W Sigma_x W~^T, normalised in place below
+    # sign of gamma flips the sign of u: rho = sgn_i sgn_k G_ik / (s_i s_k), 0 where s_i s_k = 0
+    sgn = np.where(gamma < 0, -1.0, 1.0)
+    inv_s = np.where(s > 0, sgn / np.where(s > 0, s, 1.0), 0.0)
+    inv_sq = np.where(sq > 0, sgn[kept] / np.where(sq > 0, sq, 1.0), 0.0)
+    rho_x *= inv_s.astype(dt)[:, None]
+    rho_x *= inv_sq.astype(dt)[None, :]
+    rho_q = Gq
+    rho_q *= inv_sq.astype(dt)[:, None]
+    rho_q *= inv_sq.astype(dt)[None, :]
     np.fill_diagonal(rho_q, 1.0)
-    rho_x = _safe_div(Gx, np.outer(s, sq))
     sk = s[kept]
-    shift = im.mean_dot(Wq - W[kept])
+    shift = np.concatenate([im.mean_dot(Wq[r] - W[kept[r]]) for r in _blocks(m)])  # E[x] . (W~_k - W_k)
     if extra_shift is not None:
         shift = shift + extra_shift
     delta = _safe_div(shift, sk)  # Eq. D5: mean of u~_k
@@ -100,12 +127,9 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     mean_q, var_q = activation_mean_var(bq, gq, act)
     ca = hermite_coefficients(b, g, act)
     cq = hermite_coefficients(bq, gq, act)
-    # sign of gamma flips the sign of u
-    sgn = np.where(gamma < 0, -1.0, 1.0)
-    rho_x = rho_x * sgn[:, None] * sgn[kept][None, :]
-    rho_q = rho_q * sgn[kept][:, None] * sgn[kept][None, :]
-    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True, marginals=(bq, gq, bq, gq, act))
-    cross = activation_covariance(rho_x, ca, cq, marginals=(b, g, bq, gq, act))
+    cov_q = activation_covariance(rho_q, cq, cq, var_q, var_q, same=True,
+                                  marginals=(bq, gq, bq, gq, act)).astype(np.float64, copy=False)
+    cross = activation_covariance(rho_x, ca, cq, marginals=(b, g, bq, gq, act)).astype(np.float64, copy=False)
     return PairStats(mean_a, var_a, mean_q, cov_q, cross, kept)
 
 
@@ -114,9 +138,10 @@ def chain_stats(values, kept) -> PairStats:
     (A4): the kept channels are taken as undamaged (their quantization is not
     modelled across the chain), so C~ = Cov(a_K), X = Cov(a, a_K)."""
     kept = np.asarray(kept)
-    var = np.diag(values.cov).copy()
-    return PairStats(values.mean.copy(), var, values.mean[kept].copy(), values.cov[np.ix_(kept, kept)].copy(),
-                     values.cov[:, kept].copy(), kept)
+    cov = values.cov  # float32 on the fast path: the solve (U1-U4) runs in float64 on both paths
+    var = np.diag(cov).astype(np.float64)
+    return PairStats(values.mean.copy(), var, values.mean[kept].copy(), cov[np.ix_(kept, kept)].astype(np.float64),
+                     cov[:, kept].astype(np.float64), kept)
 
 
 def objective(st: PairStats, T: np.ndarray, t: np.ndarray) -> np.ndarray:

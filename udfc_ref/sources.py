@@ -97,7 +97,7 @@ class DataFreeStats:
         """``Cov(a)`` of the pair's channels under the data model (Eq. S4)."""
         if pair.se is not None:  # read before the lazy data model drops it behind the gate
             self._early[pair.name] = self.dm.value(pair.se.value)
-        return self.dm.value(pair.value).cov
+        return np.asarray(self.dm.value(pair.value).cov, dtype=np.float64)  # float32 on the fast path
 
     def stats(self, req: StatsRequest) -> PairStats:
         p = req.pair
