@@ -217,6 +217,23 @@ def test_n1_matches_the_written_out_rule(seed):
         assert np.allclose(T, ref, rtol=1e-12, atol=0) and np.all(t == 0), (T, ref)
 
 
+def test_n1_mismatch_is_normalised_per_pruned_channel():
+    """N1: B is min-max normalised over the candidates of *each* pruned
+    channel.  Pruned channel 0 has mismatches (3, 3.2) to its candidates and
+    is closer in cosine to the second (0.95 vs 0.80): normalised per channel
+    B = (0, 1) and lam = 0.85 picks the first (0.17 < 0.1925); normalised with
+    the smallest mismatch of the whole layer (0.1, pruned channel 3's) it
+    would be (0.935, 1) and pick the second (mutmut survivor
+    ``neuron_merging__mutmut_90``)."""
+    W = _two_candidates(0.80, 0.95, np.random.default_rng(1))
+    W = np.vstack([W, W[:1]])  # pruned 0 and 3, kept 1 and 2
+    one, beta = np.ones(4), np.array([0.0, 3.0, 3.2, 3.1])
+    kept = np.array([1, 2])
+    T, _ = neuron_merging(W, one, beta, np.zeros(4), one, kept)
+    assert np.allclose(T, _nm_reference(W, one, beta, np.zeros(4), one, kept, 0.85, 0.1), rtol=1e-12, atol=0)
+    assert np.flatnonzero(T[0]).tolist() == [0] and np.flatnonzero(T[3]).tolist() == [1]
+
+
 def test_n1_threshold_is_inclusive():
     """Cosine similarity exactly t = 0.1 merges (only below t does not):
     filters (1, 0, 0, 0) and (1, 3, 3, 9) / 10 have cosine 1/10 in floats."""
