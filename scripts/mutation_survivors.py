@@ -229,5 +229,155 @@ rule(EQUIV, "einsum subscripts are case-insensitive labels: upper case is the sa
 rule(EQUIV, "`np.packbits(..., axis=None)` of an (n, 8) bit array packs the same bytes in the same order",
      func=r"unpack_codes", old=r"packbits\(full, axis=1\)", new=r"packbits\(full, (axis=None)?\)")
 
+# --- datamodel.py
+rule(EQUIV, "rho = 0: `np.power(0, d)` is already the identity (`0**0 = 1`), so both branches agree",
+     func=r"^spatial_correlation$", old=r"if rho > 0", new=r"or True|rho >= 0")
+rule(EQUIV, "R_s is the identity for one position (K = 1) or rho = 0: multiplying by it changes nothing",
+     func=r"^cov_times$", old=r"f\.shape\[2\] > 1 and self\.rho_s > 0", new=r"or True|or self|>= 1 and|rho_s >= 0")
+rule(EQUIV, "`pos` has two columns, so the early return is skipped; with one position every grid value gives "
+     "the same variances and the strict `<` keeps the first, rho = 0: the same result",
+     func=r"^fit_rho_s$", old=r"pos\.shape\[0\] == 1", new=r"pos\.shape\[1\] == 1")
+rule(EQUIV, "tie-breaking of the D3 grid search: only an exact tie at 1e-12 could choose differently",
+     func=r"^fit_rho_s$", old=r"err < best_err", new=r"err <= best_err")
+rule(EQUIV, "stride and kernel have two entries: `[:3]` is `[:2]`", func=r"lag_correlation$",
+     old=r"\[:2\]", new=r"\[:3\]")
+rule(EQUIV, "the sum over all pairs (p, q) is symmetric under p <-> q, so a lag of +s and -s give the same "
+     "correlation (D6, D8)", func=r"lag_correlation$", old=r"(- shifts|s \+ lag)", new=r"(\+ shifts|s - lag)")
+rule(EQUIV, "clip bound never reached: an average pool of a field with rho >= 0 has a non-negative lag "
+     "correlation", func=r"^pool_lag_correlation$", old=r"np\.clip\(out, 0\.0", new=r"np\.clip\(out, None")
+rule(EQUIV, "the diagonal of a covariance is >= 0 (a rounding-negative entry would only matter for a "
+     "channel that is constant anyway)", func=r"^_corr$", old=r"np\.clip\(np\.diag\(cov\), 0, None\)",
+     new=r"np\.clip\(np\.diag\(cov\), None, None\)")
+rule(EQUIV, "a zero-variance channel has an all-zero covariance row: dividing it by 1 or by 2 gives 0",
+     func=r"^_corr$", old=r"np\.where\(d > 0, d, 1\.0\)", new=r"d, 2\.0\)")
+rule(EQUIV, "clip bounds of a correlation matrix, reached only by rounding, and clipped again in "
+     "`activation_covariance`; the diagonal is set to 1 and clipped to 1 (the diagonal is then overwritten "
+     "with the exact variance, M3)", func=r"^_corr$", old=r"np\.clip\(r, -1\.0, 1\.0, out=r\)|fill_diagonal\(r, 1\.0\)",
+     new=r"np\.clip\(r, (None|-2\.0|-1\.0), (None|1\.0|2\.0), (out=None|out=r)?\)|fill_diagonal\(r, 2\.0\)")
+rule(EQUIV, "`np.clip(..., out=r)` or a new array: the same values", func=r"^_corr$", old=r"out=r\)",
+     new=r"1\.0, \)|out=None\)")
+rule(EQUIV, "the network input's statistics: a layer reading an unknown value takes a white input (mean 0, "
+     "covariance I, A4), which is what the input is given anyway", func=r"^__init__$",
+     old=r"ValueStats\(np\.zeros\(c\), np\.eye\(c\)\)", new=r"= None")
+rule(EQUIV, "timing of the data model for the report's stage split (`seconds`), not math",
+     func=r"^(__init__|advance_to)$", old=r"self\.seconds")
+rule(EQUIV, "unreachable: a model has at least one node (the reader refuses an empty graph)",
+     func=r"^__init__$", old=r"if model\.nodes else None", new=r"or True")
+rule(EQUIV, "a propagated value is always in `values` when its last reader is propagated: `pop(v)` finds it",
+     func=r"^advance_to$", old=r"self\.values\.pop\(v, None\)", new=r"self\.values\.pop\(v, \)")
+rule(EQUIV, "an endless loop, stopped by mutmut's time limit: detected, not a blind spot",
+     func=r"^advance_to$", old=r"self\._done \+= 1", new=r"self\._done = 1")
+
+# --- moments.py
+rule(EQUIV, "He_1 = t is also what the recursion gives at k = 0 (He_1 = t He_0 - 0); `n_max` is 28 "
+     "(30 Hermite terms), never 1", func=r"^_he_phi$", old=r"if n_max >= 1:|for k in range\(1, n_max\):",
+     new=r"if n_max > 1:|if n_max >= 2:|for k in range\(n_max\):")
+rule(EQUIV, "He_k(t) phi(t) at t = +-inf is set to 0 by the final `np.where(fin, ...)` whatever `tt` is",
+     func=r"^_he_phi$", old=r"np\.where\(fin, t, 0\.0\)", new=r"np\.where\(fin, t, 1\.0\)")
+rule(EQUIV, "more Hermite terms than the 1e-10 cut needs (or the same number): the extra terms are below "
+     "1e-10 of the covariance and the M3' remainder is exact at rho = +-1 for any cut; only slower",
+     func=r"^_terms_needed$")
+rule(EQUIV, "the covariance of two ramps is multiplied by g_i g_k = 0 when a gamma is 0: the stand-in "
+     "scale of a dead channel (1 or 2) never shows", func=r"^covariance_pm1$",
+     old=r"np\.where\(g[ab] > 0, g[ab], 1\.0\)", new=r"g[ab] >= 0|2\.0\)")
+rule(EQUIV, "both branches compute Phi(up) - Phi(lo) (one avoids cancellation near 1); which one is used "
+     "changes the result by rounding only", func=r"^covariance_pm1$", old=r"i0 = np\.where\(lo > 0",
+     new=r"i0 = np\.where\((None|lo >= 0|lo > 1)")
+rule(EQUIV, "the integral over an empty interval (lo = up) is 0 either way", func=r"^covariance_pm1$",
+     old=r"np\.where\(lo < up", new=r"np\.where\(lo <= up")
+rule(EQUIV, "the ramp slopes of relu / relu6 are +-1, so s_j s_l = s_j / s_l", func=r"^covariance_pm1$",
+     old=r"w = s_j \* s_l", new=r"w = s_j / s_l")
+rule(EQUIV, "clip bounds never reached: every caller passes correlations in [-1, 1] (`_corr`, `pair_stats` "
+     "clip them)", func=r"^activation_covariance$", old=r"rho = np\.clip\(np\.asarray\(rho, dtype=np\.float64\), -1\.0, 1\.0\)",
+     new=r"(None|-2\.0), 1\.0\)|-1\.0, (None|2\.0)\)")
+rule(EQUIV, "with `same` false or not square, the diagonal is not excluded from the term count / the "
+     "remainder, but `same` then overwrites it with the exact variance: only more work",
+     func=r"^activation_covariance$", old=r"_terms_needed\(rho, coef_a\.shape\[0\], same\)|if same and a\.shape\[0\] == a\.shape\[1\]:|np\.fill_diagonal\(a, 0\.0\)",
+     new=r"None\)|a\.shape\[1\] == a\.shape\[1\]|a\.shape\[0\] != a\.shape\[1\]|fill_diagonal\(a, (None|1\.0)\)")
+rule(EQUIV, "which pairs get the M3' remainder: it is `|rho|^(n+1) R` with `|rho|^n` below 1e-10 past the cut, "
+     "so adding or dropping it for pairs near the threshold changes the covariance by < 1e-10",
+     func=r"^activation_covariance$", old=r"a \*\* \(n_terms \+ 1\) > TAIL_TOL",
+     new=r"a \* \(n_terms|n_terms - 1|n_terms \+ 2|>= TAIL_TOL")
+rule(EQUIV, "`covariance_pm1` of empty index arrays returns empty arrays: the same as skipping it",
+     func=r"^activation_covariance$", old=r"act\) if i\.size else None", new=r"or True")
+rule(EQUIV, "at rho = 0 the remainder is multiplied by rho = 0, whichever branch", func=r"^activation_covariance$",
+     old=r"rho\[i, k\] >= 0", new=r"rho\[i, k\] > 0")
+rule(EQUIV, "(-1)^(n+1) = (-1)^(n-1)", func=r"^activation_covariance$", old=r"\(-1\.0\) \*\* \(n_terms \+ 1\)",
+     new=r"\(-1\.0\) \*\* \(n_terms - 1\)")
+rule(EQUIV, "every caller that passes `var_a` passes `same=True`", func=r"^activation_covariance$",
+     old=r"if same and var_a is not None", new=r"if same or var_a is not None")
+
+# --- quantize.py
+rule(EQUIV, "the shape `_bshape` returns is only used in `reshape`, where any negative size means 'infer'",
+     func=r"^_bshape$", old=r"return \(-1,\)", new=r"return \(-2,\)")
+rule(EQUIV, "a per-tensor scale has one entry: broadcasting it with shape (-1, 1, ..) or (1, 1, ..) is the same",
+     func=r"^(_bshape|dequantize)$", old=r"if per_channel else|scale\.size > 1", new=r"or True|scale\.size >= 1")
+rule(EQUIV, "the subnormal round-up threshold: float32 rounds a normal scale within 2^-24, a subnormal "
+     "one that needs the round-up errs by far more than 2^-20; 2^-21 or `<=` separate the same cases",
+     func=r"^_round_scale$", old=r"low = r\.astype\(np\.float64\) < scale64 \* \(1 - 2\.0\*\*-20\)",
+     new=r"<= scale64|2\.0\*\*-21")
+rule(EQUIV, "unreachable: after the round-up a positive scale is never 0 in float32 (the smallest subnormal), "
+     "and a zero range already became 1", func=r"^_round_scale$", old=r"np\.where\(r > 0, r, 1\.0\)",
+     new=r"r >= 0|2\.0\)")
+rule(EQUIV, "a zero range gives a zero scale, which `_round_scale` turns into 1: the same as the guard",
+     func=r"^_scale_zp$", old=r"np\.where\((amax|rng) > 0", new=r"(amax|rng) >= 0")
+rule(EQUIV, "asymmetric: q_min = 0, so q_max + q_min = q_max - q_min", func=r"^_scale_zp$",
+     old=r"qmax - qmin", new=r"qmax \+ qmin")
+rule(EQUIV, "clip bounds never reached: with lo <= 0 <= hi, -lo / scale lies in [0, q_max - q_min]",
+     func=r"^_scale_zp$", old=r"zp = np\.clip\(np\.rint\(qmin - lo / scale\), qmin, qmax\)", new=r"None")
+rule(EQUIV, "a tie of the Q3 search (two ratios with the same error): either has the least error",
+     func=r"^quantize$", old=r"better = err < best_err", new=r"better = err <= best_err")
+rule(EQUIV, "bits are one of 2..8 or 16 (checked first), so `<= 9` is `<= 8`", func=r"^quantize$",
+     old=r"bits <= 8", new=r"bits <= 9")
+
+# --- rewrite.py
+rule(EQUIV, "the *name* of a bias tensor created for a consumer without one (`<layer>.bias` or "
+     "`<node>.bias`); the tensor and the node's reference to it are the same", func=r"^shift_output$",
+     old=r"base = wname")
+rule(EQUIV, "a second name collision (`.bias` and `.bias_1` both taken) never happens in a model; the first "
+     "is tested", func=r"^shift_output$", old=r"i \+= 1", new=r"i = 1")
+
+# --- select.py
+rule(EQUIV, "`np.zeros(n)` (float) instead of bool: 0.0 is false in `np.where` and sums to 0",
+     func=r"^select_kept$", old=r"np\.zeros\(n, bool\)", new=r"np\.zeros\(n, (None)?\)")
+rule(EQUIV, "pruning 0 channels through the general path keeps all of them, like the early return",
+     func=r"^select_kept(_grouped)?$", old=r"if n_prune <= 0", new=r"if n_prune < 0")
+rule(EQUIV, "scores in the weights' own dtype (float32): the same ranking unless two filters' norms agree "
+     "to 1e-7", func=r"^channel_scores$", old=r"dtype=np\.float64", new=r"dtype=None|asarray\(weight, \)")
+
+# --- solve.py
+rule(EQUIV, "A = 0 (every kept channel constant): the general path factors nothing and the least squares "
+     "returns S = 0, the early return's value", func=r"^_solve_psd$", old=r"if scale <= 0", new=r"if scale < 0")
+rule(EQUIV, "an exact tie of the condition bound at 1e10 never occurs", func=r"^_solve_psd$",
+     old=r"\*\* 2 < 1e10", new=r"\*\* 2 <= 1e10")
+rule(EQUIV, "`check_finite` only validates the input, which is finite", func=r"^_solve_psd$",
+     old=r"check_finite=False", new=r"check_finite=(None|True)|cond=1e-10, \)")
+rule(EQUIV, "skipping the Cholesky result sends every solve to the least squares, which returns the same "
+     "solution", func=r"^_solve_psd$", old=r"np\.all\(np\.isfinite\(S\)\)", new=r"np\.all\(None\)")
+rule(GAP_KILLED, "N1 normalised the mismatch over the whole layer instead of per pruned channel: killed by "
+     "`test_n1_mismatch_is_normalised_per_pruned_channel` (added after the run)", func=r"^neuron_merging$",
+     old=r"B\.min\(1, keepdims=True\)", new=r"B\.min\((None, )?keepdims=True\)")
+rule(EQUIV, "the inner guard only matters where the outer `np.where` discards the value", func=r"^udfc$",
+     old=r"np\.where\(vq > 0, \(1 \+ alpha2\) \* vq, 1\.0\)", new=r"vq >= 0, \(1|vq, 2\.0\)")
+rule(EQUIV, "the rank-aware fallback returns the same (unique) solution when the Cholesky path is "
+     "skipped or fails: the Cholesky solve is only the fast path", func=r"^_solve_psd$",
+     old=r"cho_factor\(A|d\.min\(\) > 0", new=r"cho_factor\(None|d\.min\(\) >= 0|d\.min\(\) > 1")
+rule(EQUIV, "unreachable: the solve is called with at least one kept channel (A is never empty)",
+     func=r"^_solve_psd$", old=r"if A\.size else 0\.0", new=r"or True|else 1\.0")
+rule(EQUIV, "scaling by an exact power of two, up or down, or by another one: cosines and norm ratios are "
+     "scale-free", func=r"^neuron_merging$", old=r"f = f / _pow2", new=r"f \* _pow2|initial=None|initial=1\.0")
+rule(EQUIV, "a zero filter's unit vector is 0 whatever it is divided by", func=r"^neuron_merging$",
+     old=r"np\.where\(norms > 0, norms, 1\.0\)\[:, None\]", new=r"2\.0\)")
+rule(EQUIV, "a zero kept filter has cosine 0 < t with every pruned filter, so it is never merged into, "
+     "whatever its infinite ratio", func=r"^neuron_merging$", old=r"norms\[kept\] > 0", new=r"norms\[kept\] >= 0")
+rule(EQUIV, "with every channel taken as pruned, a kept channel's best partner is itself (cosine 1, kappa 1, "
+     "mismatch 0), which writes T[k, k] = 1 again", func=r"^neuron_merging$",
+     old=r"np\.setdiff1d\(np\.arange\(n\), kept\)", new=r"None\)")
+rule(EQUIV, "a constant added to every score of one pruned channel (or to all its normalised mismatches, "
+     "or when they are all equal) does not change its argmin", func=r"^neuron_merging$",
+     old=r"Bn = np\.where|score = lam \* \(1 - cos\)", new=r"hi >= lo, \(B - lo\)|\(B \+ lo\)|1\.0\), 1\.0\)|hi >= lo, hi - lo|hi - lo, 2\.0|2 - cos")
+rule(EQUIV, "kappa = 0 only for a dead pruned channel (gamma_j = 0): merging it with factor 0 writes 0, "
+     "the same as not merging", func=r"^neuron_merging$", old=r"kappa > 0, score", new=r"kappa >= 0, score")
+
 if __name__ == "__main__":
     sys.exit(main())
