@@ -130,6 +130,23 @@ def test_d2_d3_for_a_linear_layer_after_a_flatten():
     assert np.allclose(dm.values["h"].cov, _exact_cov(f, f, pos, rho), rtol=1e-10)
 
 
+def test_a4_linear_layer_reading_the_network_input():
+    """A4: a linear layer reading the network input itself (no producer, no
+    flatten) acts on the last axis of the (C, H, W) map: its statistics are
+    unknown (None, derivation section 4), and a conv after it takes a white
+    input (mean 0, covariance I)."""
+    rng = np.random.default_rng(7)
+    t = {"fc.weight": rng.standard_normal((4, 5)).astype(np.float32)}
+    nodes = [Node("fc", "linear", ["x"], "h", {}, {"weight": "fc.weight"}),
+             _conv(t, rng, "c", "h", 2, 3)]
+    dm = DataModel(Model(t, nodes, "x", (2, 6, 5)))
+    assert dm.values["h"] is None
+    w = dense_filters(Model(t, nodes, "x", (2, 6, 5)), nodes[1])
+    im = dm.inputs["c"]
+    assert np.array_equal(im.mean_c, np.zeros(2)) and np.array_equal(im.cov_c, np.eye(2))
+    assert np.allclose(dm.values["c"].cov, np.einsum("ncp,mcp->nm", w, w), rtol=1e-12)
+
+
 @pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1))])
 def test_d2_non_square_kernels_and_unequal_dilation(kernel, dilation):
     """D1/D2: the taps of a kh x kw kernel with dilation (dh, dw) are at
