@@ -422,3 +422,29 @@ def test_q3_mse_clip_is_the_best_grid_ratio_per_channel(symmetric):
         if not symmetric:
             assert int(q.zero_point[c]) == z
     assert float(q.scale[2]) == pytest.approx(float(quantize(w[2:], 4, symmetric=symmetric).scale[0]), rel=0.2)
+
+
+# ----------------------------------------------------------------- BN parameters (A1, S1, N2)
+
+def test_bn_affine_is_torch_batch_norm_in_eval_mode():
+    """(gamma, beta, mu, sigma) of a BN, sigma = sqrt(running_var + eps), give
+    PyTorch's eval-mode batch norm gamma (x - mu) / sigma + beta (a large eps,
+    so that sqrt(var - eps) or sqrt(var) would show); sigma enters S1's -bn
+    criteria and N2's merge scale."""
+    import torch
+    from helpers import bn_params
+
+    from udfc_ref import Model, Node
+    from udfc_ref.datamodel import bn_affine
+
+    rng = np.random.default_rng(3)
+    t = {}
+    node = Node("bn", "batch_norm", ["x"], "y", {"eps": 0.7}, bn_params(rng, 3, "bn", t))
+    g, b, mu, sigma = bn_affine(Model(t, [node], "x", (3, 4, 4)), node)
+    x = rng.standard_normal((2, 3, 4, 4))
+    ref = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), *(torch.from_numpy(t[f"bn.{k}"].astype(np.float64))
+                               for k in ("running_mean", "running_var", "weight", "bias")),
+        training=False, eps=0.7).numpy()
+    got = g[:, None, None] * (x - mu[:, None, None]) / sigma[:, None, None] + b[:, None, None]
+    assert np.allclose(got, ref, rtol=1e-12, atol=1e-12)
