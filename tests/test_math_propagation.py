@@ -147,6 +147,30 @@ def test_a4_linear_layer_reading_the_network_input():
     assert np.allclose(dm.values["c"].cov, np.einsum("ncp,mcp->nm", w, w), rtol=1e-12)
 
 
+def test_a1_dead_bn_channel_is_a_constant_through_the_activation():
+    """A1 with gamma_i = 0: the BN output is the constant beta_i, so after
+    the ReLU channel i has mean relu(beta_i), variance 0 and no covariance
+    with the others (no 0/0 in the correlations), and the live channels keep
+    their quadrature moments."""
+    from mathref import moments_quad
+
+    rng = np.random.default_rng(8)
+    t = {}
+    bn = bn_params(rng, 4, "b", t)
+    t["b.weight"][1] = 0.0
+    t["b.bias"][1] = 0.4
+    nodes = [_conv(t, rng, "c", "x", 2, 4), Node("b", "batch_norm", ["c"], "z", {"eps": 1e-5}, bn),
+             Node("r", "relu", ["z"], "a"), _conv(t, rng, "c2", "a", 4, 3)]
+    dm = DataModel(Model(t, nodes, "x", (2, 8, 8)))
+    a = dm.values["a"]
+    assert np.all(np.isfinite(a.cov)) and np.all(np.isfinite(dm.values["c2"].cov))
+    assert a.mean[1] == pytest.approx(0.4, abs=1e-7)
+    assert np.all(a.cov[1] == 0) and np.all(a.cov[:, 1] == 0)
+    for i in (0, 2, 3):
+        m, v = moments_quad(float(t["b.bias"][i]), float(t["b.weight"][i]), "relu")
+        assert a.mean[i] == pytest.approx(m, rel=1e-9) and a.cov[i, i] == pytest.approx(v, rel=1e-9)
+
+
 @pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1))])
 def test_d2_non_square_kernels_and_unequal_dilation(kernel, dilation):
     """D1/D2: the taps of a kh x kw kernel with dilation (dh, dw) are at
