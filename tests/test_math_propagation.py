@@ -171,7 +171,7 @@ def test_a1_dead_bn_channel_is_a_constant_through_the_activation():
         assert a.mean[i] == pytest.approx(m, rel=1e-9) and a.cov[i, i] == pytest.approx(v, rel=1e-9)
 
 
-@pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1))])
+@pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1)), ((1, 2), (1, 1))])
 def test_d2_non_square_kernels_and_unequal_dilation(kernel, dilation):
     """D1/D2: the taps of a kh x kw kernel with dilation (dh, dw) are at
     (i dh, j dw), row-major, matching the weight layout."""

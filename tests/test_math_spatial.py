@@ -154,6 +154,12 @@ def test_rho_is_kept_at_most_0_99():
     r, _ = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
     assert r > 0.99 and lag_correlation(f, im, (1, 1)) == 0.99
     assert pool_lag_correlation(0.99, (3, 3), (1, 1)) <= 0.99
+    # and at least 0: a checkerboard filter anti-correlates neighbouring outputs
+    f = np.tile(np.array([1.0, -1.0] * 4 + [1.0]), (1, 2, 1))
+    im = InputModel(np.zeros(2), np.eye(2), 0.5, spatial_positions(node, m))
+    x = ar_fields(np.random.default_rng(7), 200, 2, 12, 12, 0.5)
+    r, se = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
+    assert r < -5 * se and lag_correlation(f, im, (1, 1)) == 0.0
 
 
 def _exact_bn_var(f, pos, rho):
