@@ -309,10 +309,10 @@ rule(EQUIV, "clip bound never reached: D7 maps rho <= 0.99 to sum rho^n c_n^2 / 
 rule(EQUIV, "the D7 tail beyond 30 Hermite terms is Var - sum c_n^2 (~1e-10 of Var) times rho^31 or rho^29: "
      "below every tolerance", func=r"^activation_stats$", old=r"rho \*\* \(c\.shape\[0\] \+ 1\)",
      new=r"rho \*\* \(c\.shape\[0\] - 1\)")
-rule(EQUIV, "`var_b` is not read when `same=True` (the diagonal is `var_a`)", func=r"^activation_stats$",
-     old=r"c, c, v, v, same=True", new=r"c, c, v, None, same=True")
+rule(EQUIV, "`var_b` is not read when `same=True` (the diagonal is `var_a`)", func=r"^(activation|pair)_stats$",
+     old=r"(c, c, v, v|cq, cq, var_q, var_q), same=True", new=r"(c, c, v|cq, cq, var_q)(, None)?, same=True")
 rule(EQUIV, "without `same`, the diagonal is the Mehler sum at rho = 1 plus the M3' remainder, which is exact "
-     "at rho = 1: the variance again, to rounding", func=r"^activation_stats$", old=r"same=True, marginals",
+     "at rho = 1: the variance again, to rounding", func=r"^(activation|pair)_stats$", old=r"same=True, marginals",
      new=r"same=None, marginals")
 rule(EQUIV, "lazy data model: the flatten's input is released later (never) or at the same node; the "
      "statistics are the same, only held longer", func=r"^__init__$",
@@ -403,8 +403,12 @@ rule(EQUIV, "scores in the weights' own dtype (float32): the same ranking unless
      "to 1e-7", func=r"^channel_scores$", old=r"dtype=np\.float64", new=r"dtype=None|asarray\(weight, \)")
 
 # --- solve.py
+rule(EQUIV, "b = 0 only where a = 0 as well (a zero filter has a zero Gram row and a zero quantization "
+     "shift) or for every candidate of a pruned channel at once (kappa = 0: a dead or zero pruned "
+     "channel, never merged); the inner guard only matters where the outer `np.where` discards the value",
+     func=r"^_safe_div$")
 rule(EQUIV, "sgn is +-1, so multiplying by it is dividing by it", func=r"^pair_stats$",
-     old=r"\* sgn\[:, None\] \* sgn|rho_x \* sgn", new=r"/ sgn")
+     old=r"\* sgn\[(kept\]\[)?:, None\] \* sgn|rho_[xq] \* sgn", new=r"/ sgn")
 rule(EQUIV, "the sign of a dead channel (gamma = 0) multiplies correlations with a constant, whose Hermite "
      "coefficients are all 0", func=r"^pair_stats$", old=r"np\.where\(gamma < 0", new=r"np\.where\(gamma <= 0")
 rule(EQUIV, "A = 0 (every kept channel constant): the general path factors nothing and the least squares "
