@@ -86,6 +86,21 @@ MUTANTS = {
                     "M3': remainder dropped"),
     "m3p-tail-sign": ("udfc_ref/moments.py", "(-1.0) ** (n_terms + 1) * r_minus", "r_minus",
                       "M3': remainder with the sign of rho^(n+1) at negative rho"),
+    # mutmut survivors of the run in docs/mutation.md, killed by tests added after it
+    "n1-global-min": ("udfc_ref/solve.py", "lo, hi = B.min(1, keepdims=True)", "lo, hi = B.min(keepdims=True)",
+                      "N1: mismatch normalised over the layer, not per pruned channel (neuron_merging__mutmut_92)"),
+    "a4-linear-on-input": ("udfc_ref/datamodel.py",
+                           'if p is not None and p.op == "flatten":\n                    self._last_use',
+                           'if p is not None or p.op == "flatten":\n                    self._last_use',
+                           "A4: a linear layer reading the network input (DataModel.__init____mutmut_26)"),
+    "a1-dead-corr": ("udfc_ref/datamodel.py", "inv = 1.0 / np.where(d > 0, d, 1.0)",
+                     "inv = 1.0 / np.where(d >= 0, d, 1.0)", "A1: a dead BN channel divided by 0 (_corr__mutmut_19)"),
+    "bn-sigma-minus-eps": ("udfc_ref/datamodel.py", 'astype(np.float64) + bn.attrs["eps"])',
+                           'astype(np.float64) - bn.attrs["eps"])', "sigma = sqrt(var - eps) (bn_affine__mutmut_27)"),
+    "d2-two-taps": ("udfc_ref/datamodel.py", "if f.shape[2] > 1 and self.rho_s > 0", "if f.shape[2] > 2 and self.rho_s > 0",
+                    "D2: R_s skipped for a 1x2 kernel (cov_times__mutmut_7)"),
+    "d6-no-lower-clip": ("udfc_ref/datamodel.py", "return float(np.clip(num / den, 0.0, 0.99))",
+                         "return float(np.clip(num / den, None, 0.99))", "D6: rho below 0 kept (lag_correlation__mutmut_43)"),
 }
 
 
