@@ -99,6 +99,9 @@ MUTANTS = {
                            'astype(np.float64) - bn.attrs["eps"])', "sigma = sqrt(var - eps) (bn_affine__mutmut_27)"),
     "d2-two-taps": ("udfc_ref/datamodel.py", "if f.shape[2] > 1 and self.rho_s > 0", "if f.shape[2] > 2 and self.rho_s > 0",
                     "D2: R_s skipped for a 1x2 kernel (cov_times__mutmut_7)"),
+    "q3-unrounded-scales": ("udfc_ref/quantize.py", "s, z = _scale_zp(lo * r, hi * r, bits, symmetric, dtype)",
+                            "s, z = _scale_zp(lo * r, hi * r, bits, symmetric, None)",
+                            "Q2/Q3: candidate scales not rounded to the storage dtype (quantize__mutmut_78)"),
     "d6-no-lower-clip": ("udfc_ref/datamodel.py", "return float(np.clip(num / den, 0.0, 0.99))",
                          "return float(np.clip(num / den, None, 0.99))", "D6: rho below 0 kept (lag_correlation__mutmut_43)"),
 }

@@ -448,3 +448,29 @@ def test_bn_affine_is_torch_batch_norm_in_eval_mode():
         training=False, eps=0.7).numpy()
     got = g[:, None, None] * (x - mu[:, None, None]) / sigma[:, None, None] + b[:, None, None]
     assert np.allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_q2_codes_come_from_the_stored_scale_also_after_the_q3_search():
+    """Q2: the scale is rounded to float32 *before* the codes are computed,
+    also for the scales the Q3 search tries, so q = rint(w / s) holds for the
+    stored s.  The row is built (by a search) so that one weight lies between
+    the rounding boundaries j + 1/2 of the float64 scale A / 7 and of its
+    float32 rounding: the two scales give different codes for it."""
+    for k in range(1, 5000):
+        big = np.float32(1 + k * 1e-4)
+        s64 = float(big) / 7
+        s32 = float(np.float32(s64))
+        for h in (0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5):
+            lo, hi = sorted((h * s64, h * s32))
+            e = np.float32(lo)
+            e = e if float(e) > lo else np.nextafter(e, np.float32(np.inf))
+            if lo < float(e) < hi:
+                break
+        else:
+            continue
+        break
+    assert np.rint(float(e) / s32) != np.rint(float(e) / s64)
+    w = np.array([[big] * 20 + [-big] * 20 + [e]], np.float32)  # 40 big weights: clipping them costs most
+    q = quantize(w, 4, mse_clip=True)
+    assert float(q.scale[0]) == s32  # r = 1
+    assert np.array_equal(q.codes[0].astype(np.float64), np.clip(np.rint(w[0].astype(np.float64) / s32), -7, 7))
