@@ -102,6 +102,9 @@ MUTANTS = {
     "q3-unrounded-scales": ("udfc_ref/quantize.py", "s, z = _scale_zp(lo * r, hi * r, bits, symmetric, dtype)",
                             "s, z = _scale_zp(lo * r, hi * r, bits, symmetric, None)",
                             "Q2/Q3: candidate scales not rounded to the storage dtype (quantize__mutmut_78)"),
+    "r2-bn-branch": ("udfc_ref/rewrite.py", 'cs[0].op == "batch_norm" and node.output != model.output_name',
+                     'cs[0].op == "batch_norm" or node.output != model.output_name',
+                     "R2: a bias-free layer read by a ReLU sent to the BN branch (shift_output__mutmut_15)"),
     "d6-no-lower-clip": ("udfc_ref/datamodel.py", "return float(np.clip(num / den, 0.0, 0.99))",
                          "return float(np.clip(num / den, None, 0.99))", "D6: rho below 0 kept (lag_correlation__mutmut_43)"),
 }

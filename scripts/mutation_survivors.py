@@ -118,7 +118,9 @@ def _short(lines: list[str], width: int = 110) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def collect(root: str = ROOT):
+def collect(root: str = ROOT, carried=frozenset()):
+    """``carried``: mutants whose verdict in the cache was carried over from an
+    earlier run without re-running them (their status gets "(earlier run)")."""
     rows, counts = [], defaultdict(Counter)
     for meta_path in sorted(glob.glob(os.path.join(root, "mutants", "udfc_ref", "*.py.meta"))):
         module = os.path.basename(meta_path)[: -len(".py.meta")]
@@ -128,6 +130,8 @@ def collect(root: str = ROOT):
         for key, code in codes.items():
             status = STATUS.get(code, f"exit {code}")
             counts[module][status] += 1
+            if key in carried and status != "killed":
+                status += " (earlier run)"
             if status == "killed":
                 continue
             name = key.rsplit(".", 1)[1]
@@ -155,7 +159,7 @@ def markdown(rows, counts) -> str:
     by_cat = defaultdict(list)
     not_run = Counter()
     for r in rows:
-        if r["status"] == "not run":
+        if r["status"].startswith("not run"):
             not_run[f"{r['module']}.{r['func']}"] += 1
         else:
             by_cat[r["category"]].append(r)
@@ -194,16 +198,19 @@ def main(argv=None) -> int:
     ap.add_argument("--write", metavar="FILE", help="replace the survivors section of FILE")
     ap.add_argument("--unexplained", action="store_true", help="print only the survivors no rule explains")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--carried", metavar="FILE",
+                    help="names (one a line) whose cached verdict comes from an earlier run, not re-run")
     a = ap.parse_args(argv)
     if not glob.glob(os.path.join(ROOT, "mutants", "udfc_ref", "*.py.meta")):
         print("no mutmut cache in mutants/: run `mutmut run` first", file=sys.stderr)
         return 1
-    rows, counts = collect()
+    carried = frozenset(open(a.carried).read().split()) if a.carried else frozenset()
+    rows, counts = collect(carried=carried)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1, ensure_ascii=False)
     if a.unexplained:
         for r in rows:
-            if r["category"] == UNEXPLAINED and r["status"] != "not run":
+            if r["category"] == UNEXPLAINED and not r["status"].startswith("not run"):
                 print(f"{r['key']} [{r['status']}] {r['module']}.py:{r['line']}  {_short(r['removed'], 200)}  ->  "
                       f"{_short(r['added'], 200)}")
         return 0
@@ -387,7 +394,16 @@ rule(GAP_KILLED, "the Q3 search evaluated its candidate scales unrounded (float6
      "`test_q2_codes_come_from_the_stored_scale_also_after_the_q3_search` (added after the run)",
      func=r"^quantize$", old=r"_scale_zp\(lo \* r, hi \* r, bits, symmetric, dtype\)", new=r"symmetric, None\)")
 
+rule(EQUIV, "the asymmetric zero point rint(q_min - lo / s) is the same for every clip ratio r (lo and s "
+     "both scale with r), up to the float32 rounding of s, so keeping the r = 1 one changes nothing",
+     func=r"^quantize$", old=r"best_zp = np\.where\(better, z, best_zp\)", new=r"np\.where\(None, z, best_zp\)")
+
 # --- rewrite.py
+rule(GAP_KILLED, "R2 placement: a bias-free layer that is not the output and is not read by a lone BN was "
+     "sent to the BN branch; killed by the new last case of "
+     "`test_r2_the_shift_goes_into_bias_running_mean_or_a_new_bias` (added after the run)",
+     func=r"^shift_output$", old=r"cs\[0\]\.op == \"batch_norm\" and node\.output",
+     new=r"cs\[0\]\.op == \"batch_norm\" or node\.output")
 rule(EQUIV, "the *name* of a bias tensor created for a consumer without one (`<layer>.bias` or "
      "`<node>.bias`); the tensor and the node's reference to it are the same", func=r"^shift_output$",
      old=r"base = wname")

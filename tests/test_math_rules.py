@@ -310,6 +310,19 @@ def test_r2_the_shift_goes_into_bias_running_mean_or_a_new_bias():
     names = set(d.tensors)
     absorb(d, d.node("c1"), np.eye(4), np.zeros(4), np.float32)
     assert set(d.tensors) == names and "bias" not in d.node("c1").params
+    # no bias, read by something else than a lone BN, not the network output: a new tensor too
+    from udfc_ref import Model, Node
+
+    rng = np.random.default_rng(1)
+    t = {"c.weight": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+         "d.weight": rng.standard_normal((3, 4, 1, 1)).astype(np.float32)}
+    e = Model(t, [Node("c", "conv2d", ["x"], "h", {"padding": 1}, {"weight": "c.weight"}),
+                  Node("r", "relu", ["h"], "a"), Node("d", "conv2d", ["a"], "y", {}, {"weight": "d.weight"})],
+              "x", (2, 8, 8))
+    before = e.forward(x, return_values=True)["h"]
+    shift_output(e, e.node("c"), delta, np.float32)
+    assert e.node("c").params["bias"] == "c.bias" and np.array_equal(e.tensors["c.bias"], delta.astype(np.float32))
+    assert np.allclose(e.forward(x, return_values=True)["h"], before + delta[None, :, None, None], atol=1e-5)
 
 
 # ----------------------------------------------------------------- storage
