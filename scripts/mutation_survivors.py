@@ -39,7 +39,8 @@ EQUIV = "equivalent"
 GAP_KILLED = "real gap, killed by a test added after the run"
 GAP_OPEN = "real gap, open"
 UNEXPLAINED = "unexplained"
-CATEGORIES = [GAP_OPEN, GAP_KILLED, EQUIV, UNEXPLAINED]
+OUTSIDE = "real gap of the selection, killed by a test outside it"
+CATEGORIES = [GAP_OPEN, GAP_KILLED, OUTSIDE, EQUIV, UNEXPLAINED]
 
 #: (category, reason, function regex, removed-line regex, added-line regex); the
 #: first rule whose three regexes all match (re.search) explains the survivor.
@@ -327,6 +328,45 @@ rule(EQUIV, "lazy data model: the flatten's input is released later (never) or a
      old=r"self\._last_use\[p\.inputs\[0\]\] = max\(self\._last_use\.get\(p\.inputs\[0\], i\), i\)",
      new=r"= None$|get\(None, i\)")
 
+rule(GAP_KILLED, "a linear layer on the last axis of the network input was given channel statistics when "
+     "that axis has as many entries as the map has channels; killed by "
+     "`test_a4_linear_layer_reading_the_network_input` (its (3, 6, 3) input, changed after the run)",
+     func=r"^_propagate$", old=r"if n\.op == \"linear\" and len\(m\.shapes\[n\.inputs\[0\]\]\) > 1:",
+     new=r"XXlinearXX|LINEAR|\) > 2:")
+rule(GAP_KILLED, "a linear layer after a flatten of a (C, H, W) map read a white input instead of the map's "
+     "statistics; killed by `test_a4_linear_after_a_flatten_reads_the_maps_statistics` (added after the run)",
+     func=r"^_propagate$", old=r"if src is None and n\.op == \"linear\"|if p is not None and p\.op == \"flatten\"|src = self\.values\.get\(p\.inputs\[0\]\)",
+     new=r"src is not None and n\.op|p is None and|p\.op != \"flatten\"|XXflattenXX|FLATTEN|src = None|get\(None\)")
+rule(EQUIV, "a depthwise conv through the dense layout (D1) gives the same statistics as the depthwise "
+     "path (to 1e-15, `tests/test_se_pruning.py`); computing the dense filters as well changes nothing",
+     func=r"^_propagate$", old=r"dwf = depthwise_filters\(m, n\)|f = dense_filters\(m, n\) if dwf is None else None",
+     new=r"dwf = None|or True else None")
+rule(OUTSIDE, "the depthwise path (D1 without the zeros, G = C o W R W^T): killed by "
+     "`tests/test_se_pruning.py::test_depthwise_statistics_equal_the_dense_layout`, which is not in the "
+     "mutmut selection (checked by hand for `dwf / sqrt`, `cov / (...)`, `mean = None`)",
+     func=r"^_propagate$", old=r"fd = f if dwf is None else|g = src\.cov \* \(dwf|mean = src\.mean \* dwf\.sum\(1\)")
+rule(EQUIV, "`lag_correlation` reads only the covariance of its input model, never its mean",
+     func=r"^_propagate$", old=r"im_d = im if dwf is None else InputModel\(np\.zeros\(1\), cd, rho, pos\)",
+     new=r"and False else InputModel|InputModel\(None, cd")
+rule(GAP_OPEN, "which rho a conv reads when its input's rho is known: the propagated one (D6-D8) or a new D3 "
+     "fit on the BN after it; no test compares a second conv's rho with the propagated value",
+     func=r"^_propagate$", old=r"n\.op == \"conv2d\" or pos\.shape\[0\] > 1", new=r"n\.op != \"conv2d\"|XXconv2dXX|CONV2D")
+rule(EQUIV, "a linear layer with one input position: R_s = [[1]], its rho does not matter; with exactly "
+     "two positions (H W = 2, no test) `> 2` would refit instead", func=r"^_propagate$",
+     old=r"n\.op == \"conv2d\" or pos\.shape\[0\] > 1", new=r"pos\.shape\[1\] > 1|pos\.shape\[0\] >= 1|pos\.shape\[0\] > 2")
+rule(GAP_OPEN, "D3 reads running_var + eps; with the tests' eps the grid minimum is the same for - eps",
+     func=r"^_propagate$", old=r"\"running_var\"\)\.astype\(np\.float64\) \+ nxt\[0\]", new=r"\) - nxt\[0\]")
+rule(GAP_OPEN, "unreached branch: a BN or an activation reading a value whose statistics are unknown (after a "
+     "layer norm, a softmax, a last-axis linear): no test has one", func=r"^_propagate$",
+     old=r"corr = _corr\(src\.cov\) if src is not None|None if src is None else src\.rho|return None if ins\[0\] is None else activation_stats",
+     new=r"or True else|src is not None or|np\.eye\(None\)|np\.eye\(gamma\.shape\[1\]\)|\(src is None\) and False|\(ins\[0\] is None\) and False")
+rule(EQUIV, "the covariance is square: `shape[1]` is `shape[0]`", func=r"^_propagate$",
+     old=r"src\.cov\.shape\[0\] == gamma", new=r"src\.cov\.shape\[1\] == gamma")
+rule(EQUIV, "every activation of `ACTIVATIONS` is handled again by `_propagate_more` with the same "
+     "`activation_stats` call, and `activation_stats` of the identity returns copies of its input",
+     func=r"^_propagate$", old=r"if n\.op in ACTIVATIONS and n\.op != \"identity\"",
+     new=r"n\.op == \"identity\"|XXidentityXX|IDENTITY")
+
 # --- moments.py
 rule(EQUIV, "He_1 = t is also what the recursion gives at k = 0 (He_1 = t He_0 - 0); `n_max` is 28 "
      "(30 Hermite terms), never 1", func=r"^_he_phi$", old=r"if n_max >= 1:|for k in range\(1, n_max\):",
@@ -407,6 +447,11 @@ rule(EQUIV, "the asymmetric zero point rint(q_min - lo / s) is the same for ever
      func=r"^quantize$", old=r"best_zp = np\.where\(better, z, best_zp\)", new=r"np\.where\(None, z, best_zp\)")
 
 # --- rewrite.py
+rule(EQUIV, "a zero shift added anyway: the same numbers (a bias-free consumer not followed by a lone BN "
+     "would get an all-zero bias tensor)", func=r"^absorb$", old=r"np\.any\(delta != 0\)", new=r"delta != 1")
+rule(EQUIV, "the storage dtype of a newly created bias tensor (float64 instead of the model's): the same "
+     "values; the dtype rule is tested on `shift_output` itself", func=r"^absorb$",
+     old=r"shift_output\(model, node, delta, dtype\)", new=r"delta, None\)")
 rule(GAP_KILLED, "R2 placement: a bias-free layer that is not the output and is not read by a lone BN was "
      "sent to the BN branch; killed by the new last case of "
      "`test_r2_the_shift_goes_into_bias_running_mean_or_a_new_bias` (added after the run)",
@@ -427,6 +472,9 @@ rule(EQUIV, "scores in the weights' own dtype (float32): the same ranking unless
      "to 1e-7", func=r"^channel_scores$", old=r"dtype=np\.float64", new=r"dtype=None|asarray\(weight, \)")
 
 # --- solve.py
+rule(EQUIV, "the weights are scaled by an exact power of two before the Gram matrices (scale-free "
+     "correlations, D4-D5); which power (from max(|W|, 1) or without `initial`) does not matter",
+     func=r"^pair_stats$", old=r"c = _pow2\(max\(", new=r"initial=(None|1\.0)")
 rule(EQUIV, "b = 0 only where a = 0 as well (a zero filter has a zero Gram row and a zero quantization "
      "shift) or for every candidate of a pruned channel at once (kappa = 0: a dead or zero pruned "
      "channel, never merged); the inner guard only matters where the outer `np.where` discards the value",
@@ -437,10 +485,11 @@ rule(EQUIV, "the sign of a dead channel (gamma = 0) multiplies correlations with
      "coefficients are all 0", func=r"^pair_stats$", old=r"np\.where\(gamma < 0", new=r"np\.where\(gamma <= 0")
 rule(EQUIV, "A = 0 (every kept channel constant): the general path factors nothing and the least squares "
      "returns S = 0, the early return's value", func=r"^_solve_psd$", old=r"if scale <= 0", new=r"if scale < 0")
-rule(EQUIV, "an exact tie of the condition bound at 1e10 never occurs", func=r"^_solve_psd$",
-     old=r"\*\* 2 < 1e10", new=r"\*\* 2 <= 1e10")
+rule(EQUIV, "the condition bound only chooses between the Cholesky path and the least squares, which "
+     "return the same solution (an exact tie at 1e10 never occurs)", func=r"^_solve_psd$",
+     old=r"\*\* 2 < 1e10", new=r"\*\* 2 <= 1e10|\*\* 3 < 1e10|< 10000000001\.0")
 rule(EQUIV, "`check_finite` only validates the input, which is finite", func=r"^_solve_psd$",
-     old=r"check_finite=False", new=r"check_finite=(None|True)|cond=1e-10, \)")
+     old=r"check_finite=False", new=r"check_finite=(None|True)|cond=1e-10, \)|cho_factor\(A, \)|cho_solve\(c, B, \)")
 rule(EQUIV, "skipping the Cholesky result sends every solve to the least squares, which returns the same "
      "solution", func=r"^_solve_psd$", old=r"np\.all\(np\.isfinite\(S\)\)", new=r"np\.all\(None\)")
 rule(GAP_KILLED, "N1 normalised the mismatch over the whole layer instead of per pruned channel: killed by "
