@@ -348,8 +348,9 @@ rule(OUTSIDE, "the depthwise path (D1 without the zeros, G = C o W R W^T): kille
 rule(EQUIV, "`lag_correlation` reads only the covariance of its input model, never its mean",
      func=r"^_propagate$", old=r"im_d = im if dwf is None else InputModel\(np\.zeros\(1\), cd, rho, pos\)",
      new=r"and False else InputModel|InputModel\(None, cd")
-rule(GAP_OPEN, "which rho a conv reads when its input's rho is known: the propagated one (D6-D8) or a new D3 "
-     "fit on the BN after it; no test compares a second conv's rho with the propagated value",
+rule(GAP_OPEN, "for a conv with more than one tap the condition stays true (`pos.shape[0] > 1`); only a 1x1 "
+     "conv whose input rho is known would take rho from a D3 fit (0 for one position) instead of the "
+     "propagated one, and D6 would then give its output rho 0; no test has a 1x1 conv after a propagated rho",
      func=r"^_propagate$", old=r"n\.op == \"conv2d\" or pos\.shape\[0\] > 1", new=r"n\.op != \"conv2d\"|XXconv2dXX|CONV2D")
 rule(EQUIV, "a linear layer with one input position: R_s = [[1]], its rho does not matter; with exactly "
      "two positions (H W = 2, no test) `> 2` would refit instead", func=r"^_propagate$",

@@ -124,6 +124,8 @@ def test_d8_average_pool_lag_correlation(k, s):
     r, se = lag1_correlation(pool(x, k, s, "avg"), mean=np.zeros(1))
     got = dm.values["p0"].rho
     assert abs(got - r) <= Z * se, (got, r, se)
+    # A4: the conv after the pool reads this propagated rho (not a new D3 fit on the BN after it)
+    assert dm.inputs["c1"].rho_s == got
     if (k, s) == (2, 2):
         assert got == pytest.approx(rho * (1 + rho) / 2, abs=1e-12)
 
