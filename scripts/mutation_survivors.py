@@ -474,8 +474,9 @@ rule(EQUIV, "scores in the weights' own dtype (float32): the same ranking unless
 
 # --- solve.py
 rule(EQUIV, "the weights are scaled by an exact power of two before the Gram matrices (scale-free "
-     "correlations, D4-D5); which power (from max(|W|, 1) or without `initial`) does not matter",
-     func=r"^pair_stats$", old=r"c = _pow2\(max\(", new=r"initial=(None|1\.0)")
+     "correlations, D4-D5); which power, or none, does not matter for weights that do not overflow "
+     "(the float-limit tests are outside the selection)",
+     func=r"^pair_stats$", old=r"c = _pow2\(max\(|if c != 1\.0:", new=r"initial=(None|1\.0)|if c == 1\.0:")
 rule(EQUIV, "b = 0 only where a = 0 as well (a zero filter has a zero Gram row and a zero quantization "
      "shift) or for every candidate of a pruned channel at once (kappa = 0: a dead or zero pruned "
      "channel, never merged); the inner guard only matters where the outer `np.where` discards the value",
