@@ -369,6 +369,17 @@ rule(EQUIV, "every activation of `ACTIVATIONS` is handled again by `_propagate_m
      new=r"n\.op == \"identity\"|XXidentityXX|IDENTITY")
 
 # --- moments.py
+rule(EQUIV, "M1-M2's clipped mass: both forms are the same number; the cancellation-free one matters only "
+     "for a well above 1 (1 - Phi(a) small), so switching at a = 0 or at a = 1 changes rounding only",
+     func=r"^clipped_gaussian_moments$", old=r"mass = np\.where\(a > 0", new=r"mass = np\.where\((a >= 0|a > 1)")
+rule(GAP_OPEN, "M1-M2's clipped mass: `Phi(b) - Phi(a)` instead of the cancellation-free `Phi(-a) - Phi(-b)` "
+     "for a > 0 loses precision only far in the tail (beta/gamma = -6: variance error 4.2e-5 instead of "
+     "2.8e-12, section 5); no test in the selection checks the moments there to that precision",
+     func=r"^clipped_gaussian_moments$", old=r"mass = np\.where\(a > 0", new=r"mass = np\.where\(None")
+rule(EQUIV, "at an infinite bound the stand-in value is multiplied by phi = 0 (or by a clipped mass 0: "
+     "relu's and relu6's lower bound is 0 itself, an infinite bound has Phi = 0 or 1 - Phi = 0)",
+     func=r"^clipped_gaussian_moments$", old=r"(aa|bb) = np\.where\(np\.isfinite|(lo|hi)_c = 0\.0 if not np\.isfinite",
+     new=r"1\.0\)|or True else|(lo|hi)_c = 1\.0")
 rule(EQUIV, "He_1 = t is also what the recursion gives at k = 0 (He_1 = t He_0 - 0); `n_max` is 28 "
      "(30 Hermite terms), never 1", func=r"^_he_phi$", old=r"if n_max >= 1:|for k in range\(1, n_max\):",
      new=r"if n_max > 1:|if n_max >= 2:|for k in range\(n_max\):")
@@ -472,11 +483,20 @@ rule(EQUIV, "pruning 0 channels through the general path keeps all of them, like
 rule(EQUIV, "scores in the weights' own dtype (float32): the same ranking unless two filters' norms agree "
      "to 1e-7", func=r"^channel_scores$", old=r"dtype=np\.float64", new=r"dtype=None|asarray\(weight, \)")
 
+rule(EQUIV, "lo_c = 0 for every activation of the clip family (relu and relu6 clip at 0, identity at "
+     "-inf), so the lower clipped-mass terms are 0 whatever their sign or power; a clip at another lower "
+     "bound does not exist in the op table", func=r"^clipped_gaussian_moments$",
+     old=r"lo_c \* Pa|lo_c\*\*2 \* Pa", new=r"- lo_c|lo_c \* 2 \* Pa|lo_c\*\*3")
+
 # --- solve.py
+rule(EQUIV, "a Gram diagonal is >= 0 (clip bound reached only by rounding); the diagonal of `rho_q` is "
+     "overwritten with the exact variance (`same=True`) and clipped to 1", func=r"^pair_stats$",
+     old=r"s = np\.sqrt\(np\.clip\(G, 0, None\)\)|np\.fill_diagonal\(rho_q, 1\.0\)",
+     new=r"np\.clip\(G, None, None\)|fill_diagonal\(rho_q, (None|2\.0)\)")
 rule(EQUIV, "the weights are scaled by an exact power of two before the Gram matrices (scale-free "
      "correlations, D4-D5); which power, or none, does not matter for weights that do not overflow "
      "(the float-limit tests are outside the selection)",
-     func=r"^pair_stats$", old=r"c = _pow2\(max\(|if c != 1\.0:", new=r"initial=(None|1\.0)|if c == 1\.0:")
+     func=r"^pair_stats$", old=r"c = _pow2\(max\(|if c != 1\.0:", new=r"initial=(None|1\.0)|if c == 1\.0:|if c != 2\.0:")
 rule(EQUIV, "b = 0 only where a = 0 as well (a zero filter has a zero Gram row and a zero quantization "
      "shift) or for every candidate of a pruned channel at once (kappa = 0: a dead or zero pruned "
      "channel, never merged); the inner guard only matters where the outer `np.where` discards the value",
