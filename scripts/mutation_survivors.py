@@ -352,9 +352,9 @@ rule(OUTSIDE, "the depthwise path (D1 without the zeros, G = C o W R W^T): kille
 rule(EQUIV, "`lag_correlation` reads only the covariance of its input model, never its mean",
      func=r"^_propagate$", old=r"im_d = im if dwf is None else InputModel\(np\.zeros\(1\), cd, rho, pos\)",
      new=r"and False else InputModel|InputModel\(None, cd")
-rule(GAP_OPEN, "for a conv with more than one tap the condition stays true (`pos.shape[0] > 1`); only a 1x1 "
-     "conv whose input rho is known would take rho from a D3 fit (0 for one position) instead of the "
-     "propagated one, and D6 would then give its output rho 0; no test has a 1x1 conv after a propagated rho",
+rule(GAP_KILLED, "a 1x1 conv whose input rho is known (propagated) took rho from a D3 fit (0 for one tap) "
+     "instead, and D6 then gave its output rho 0 (for more taps the condition stays true); killed by "
+     "`test_a4_a_1x1_conv_reads_and_keeps_the_propagated_rho` (added after the run)",
      func=r"^_propagate$", old=r"n\.op == \"conv2d\" or pos\.shape\[0\] > 1", new=r"n\.op != \"conv2d\"|XXconv2dXX|CONV2D")
 rule(EQUIV, "a linear layer with one input position: R_s = [[1]], its rho does not matter; with exactly "
      "two positions (H W = 2, no test) `> 2` would refit instead", func=r"^_propagate$",
@@ -376,9 +376,9 @@ rule(EQUIV, "every activation of `ACTIVATIONS` is handled again by `_propagate_m
 rule(EQUIV, "M1-M2's clipped mass: both forms are the same number; the cancellation-free one matters only "
      "for a well above 1 (1 - Phi(a) small), so switching at a = 0 or at a = 1 changes rounding only",
      func=r"^clipped_gaussian_moments$", old=r"mass = np\.where\(a > 0", new=r"mass = np\.where\((a >= 0|a > 1)")
-rule(GAP_OPEN, "M1-M2's clipped mass: `Phi(b) - Phi(a)` instead of the cancellation-free `Phi(-a) - Phi(-b)` "
-     "for a > 0 loses precision only far in the tail (beta/gamma = -6: variance error 4.2e-5 instead of "
-     "2.8e-12, section 5); no test in the selection checks the moments there to that precision",
+rule(GAP_KILLED, "M1-M2's clipped mass as `Phi(b) - Phi(a)` everywhere instead of the cancellation-free "
+     "`Phi(-a) - Phi(-b)` for a > 0 loses precision far in the lower tail (beta/gamma = -6); killed by "
+     "`test_m1_m2_far_in_the_lower_tail_against_50_digit_quadrature` (added after the run)",
      func=r"^clipped_gaussian_moments$", old=r"mass = np\.where\(a > 0", new=r"mass = np\.where\(None")
 rule(EQUIV, "at an infinite bound the stand-in value is multiplied by phi = 0 (or by a clipped mass 0: "
      "relu's and relu6's lower bound is 0 itself, an infinite bound has Phi = 0 or 1 - Phi = 0)",

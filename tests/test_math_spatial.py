@@ -234,3 +234,24 @@ def test_lazy_data_model_equals_the_eager_one_and_holds_only_the_frontier():
             assert np.array_equal(st.mean, ref.mean) and np.array_equal(st.cov, ref.cov) and st.rho == ref.rho
         held.append(len(lazy.values))
     assert max(held) <= 4 < len(eager.values)
+
+
+def test_a4_a_1x1_conv_reads_and_keeps_the_propagated_rho():
+    """A 1x1 conv after a value whose rho is propagated (D8 through an
+    average pool) reads that rho (no D3 fit on the BN after it, which would
+    give 0 for one tap), and its output keeps it: Cov(y(p), y(p + e)) =
+    W (rho C) W^T = rho W C W^T exactly (D6 for one tap, stride 1)."""
+    m = chain()
+    t = dict(m.tensors)
+    rng = np.random.default_rng(11)
+    t["c1.weight"] = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
+    nodes = [Node(n.name, n.op, n.inputs, n.output, dict(n.attrs), dict(n.params)) for n in m.nodes]
+    for n in nodes:
+        if n.name == "c1":
+            n.attrs = {}
+        if n.name == "fc":
+            t["fc.weight"] = rng.standard_normal((3, 4 * 16)).astype(np.float32)
+    dm = DataModel(Model(t, nodes, "x", m.input_shape))
+    rho = dm.values["p0"].rho
+    assert 0.05 < rho < 0.99
+    assert dm.inputs["c1"].rho_s == rho and dm.values["c1"].rho == pytest.approx(rho, abs=1e-12)
