@@ -105,6 +105,12 @@ MUTANTS = {
     "r2-bn-branch": ("udfc_ref/rewrite.py", 'cs[0].op == "batch_norm" and node.output != model.output_name',
                      'cs[0].op == "batch_norm" or node.output != model.output_name',
                      "R2: a bias-free layer read by a ReLU sent to the BN branch (shift_output__mutmut_15)"),
+    "m12-tail-mass": ("udfc_ref/moments.py", "mass = np.where(a > 0, ndtr(-a) - ndtr(-b), Pb - Pa)",
+                      "mass = np.where(None, ndtr(-a) - ndtr(-b), Pb - Pa)",
+                      "M1-M2: the clipped mass with 1 - Phi cancellation (clipped_gaussian_moments__mutmut_74)"),
+    "a4-1x1-refit": ("udfc_ref/datamodel.py", 'if src.rho is not None and (n.op == "conv2d" or pos.shape[0] > 1):',
+                     'if src.rho is not None and (n.op != "conv2d" or pos.shape[0] > 1):',
+                     "A4/D6: a 1x1 conv refits rho instead of reading the propagated one (_propagate__mutmut_84)"),
     "d6-no-lower-clip": ("udfc_ref/datamodel.py", "return float(np.clip(num / den, 0.0, 0.99))",
                          "return float(np.clip(num / den, None, 0.99))", "D6: rho below 0 kept (lag_correlation__mutmut_43)"),
 }
