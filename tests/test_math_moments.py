@@ -157,3 +157,21 @@ def test_near_duplicate_kept_channels(act):
     tail = abs(activation_covariance(np.array([[rho]]), hermite_coefficients(beta[:1], gamma[:1], act),
                                      hermite_coefficients(beta[1:2], gamma[1:2], act))[0, 0] - ref)
     assert tail > 4 * abs(s.cov_q[0, 1] - ref)  # the remainder matters here
+
+
+@pytest.mark.parametrize("beta", [-6.0, -4.0])
+def test_m1_m2_far_in_the_lower_tail_against_50_digit_quadrature(beta):
+    """M1-M2 for a ReLU channel that is almost always off (beta / gamma = -6,
+    -4): mean and second moment against 50-digit mpmath quadrature to 1e-9
+    relative -- the clipped mass is Phi(-a) - Phi(-b), without the
+    cancellation of Phi(b) - Phi(a) near 1 (derivation section 5)."""
+    import mpmath
+
+    from udfc_ref.moments import clipped_gaussian_moments
+
+    mpmath.mp.dps = 50
+    b = mpmath.mpf(beta)
+    m1 = mpmath.quad(lambda u: (b + u) * mpmath.npdf(u), [-b, mpmath.inf])
+    m2 = mpmath.quad(lambda u: (b + u) ** 2 * mpmath.npdf(u), [-b, mpmath.inf])
+    mean, sq = clipped_gaussian_moments(np.array([beta]), np.array([1.0]), 0.0, np.inf)
+    assert abs(mean[0] / float(m1) - 1) < 1e-9 and abs(sq[0] / float(m2) - 1) < 1e-9

@@ -130,7 +130,63 @@ def test_d2_d3_for_a_linear_layer_after_a_flatten():
     assert np.allclose(dm.values["h"].cov, _exact_cov(f, f, pos, rho), rtol=1e-10)
 
 
-@pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1))])
+def test_a4_linear_layer_reading_the_network_input():
+    """A4: a linear layer reading the network input itself (no producer, no
+    flatten) acts on the last axis of the (C, H, W) map: its statistics are
+    unknown (None, derivation section 4), and a conv after it takes a white
+    input (mean 0, covariance I)."""
+    rng = np.random.default_rng(7)
+    t = {"fc.weight": rng.standard_normal((4, 3)).astype(np.float32)}  # last axis 3 = channels 3
+    nodes = [Node("fc", "linear", ["x"], "h", {}, {"weight": "fc.weight"}),
+             _conv(t, rng, "c", "h", 3, 3)]
+    dm = DataModel(Model(t, nodes, "x", (3, 6, 3)))
+    assert dm.values["h"] is None
+    w = dense_filters(Model(t, nodes, "x", (3, 6, 3)), nodes[1])
+    im = dm.inputs["c"]
+    assert np.array_equal(im.mean_c, np.zeros(3)) and np.array_equal(im.cov_c, np.eye(3))
+    assert np.allclose(dm.values["c"].cov, np.einsum("ncp,mcp->nm", w, w), rtol=1e-12)
+
+
+def test_a1_dead_bn_channel_is_a_constant_through_the_activation():
+    """A1 with gamma_i = 0: the BN output is the constant beta_i, so after
+    the ReLU channel i has mean relu(beta_i), variance 0 and no covariance
+    with the others (no 0/0 in the correlations), and the live channels keep
+    their quadrature moments."""
+    from mathref import moments_quad
+
+    rng = np.random.default_rng(8)
+    t = {}
+    bn = bn_params(rng, 4, "b", t)
+    t["b.weight"][1] = 0.0
+    t["b.bias"][1] = 0.4
+    nodes = [_conv(t, rng, "c", "x", 2, 4), Node("b", "batch_norm", ["c"], "z", {"eps": 1e-5}, bn),
+             Node("r", "relu", ["z"], "a"), _conv(t, rng, "c2", "a", 4, 3)]
+    dm = DataModel(Model(t, nodes, "x", (2, 8, 8)))
+    a = dm.values["a"]
+    assert np.all(np.isfinite(a.cov)) and np.all(np.isfinite(dm.values["c2"].cov))
+    assert a.mean[1] == pytest.approx(0.4, abs=1e-7)
+    assert np.all(a.cov[1] == 0) and np.all(a.cov[:, 1] == 0)
+    for i in (0, 2, 3):
+        m, v = moments_quad(float(t["b.bias"][i]), float(t["b.weight"][i]), "relu")
+        assert a.mean[i] == pytest.approx(m, rel=1e-9) and a.cov[i, i] == pytest.approx(v, rel=1e-9)
+
+
+def test_a4_linear_after_a_flatten_reads_the_maps_statistics():
+    """A4/D1: a linear layer after a flatten of a (C, H, W) map that is not
+    the network input reads the map's statistics: its output mean is
+    sum_c sum_p W[o, c HW + p] E a_c, written out from the upstream value."""
+    rng = np.random.default_rng(9)
+    t = {}
+    nodes = [_conv(t, rng, "c", "x", 2, 3), Node("b", "batch_norm", ["c"], "z", {"eps": 1e-5}, bn_params(rng, 3, "b", t)),
+             Node("r", "relu", ["z"], "a"), Node("flat", "flatten", ["a"], "f")]
+    t["fc.weight"] = rng.standard_normal((5, 3 * 16)).astype(np.float32)
+    nodes.append(Node("fc", "linear", ["f"], "y", {}, {"weight": "fc.weight"}))
+    dm = DataModel(Model(t, nodes, "x", (2, 4, 4)))
+    ref = t["fc.weight"].astype(np.float64).reshape(5, 3, 16).sum(2) @ dm.values["a"].mean
+    assert np.abs(ref).max() > 0.1 and np.allclose(dm.values["y"].mean, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,dilation", [((2, 3), (1, 2)), ((3, 1), (2, 1)), ((1, 2), (1, 1))])
 def test_d2_non_square_kernels_and_unequal_dilation(kernel, dilation):
     """D1/D2: the taps of a kh x kw kernel with dilation (dh, dw) are at
     (i dh, j dw), row-major, matching the weight layout."""

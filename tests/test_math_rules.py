@@ -217,6 +217,23 @@ def test_n1_matches_the_written_out_rule(seed):
         assert np.allclose(T, ref, rtol=1e-12, atol=0) and np.all(t == 0), (T, ref)
 
 
+def test_n1_mismatch_is_normalised_per_pruned_channel():
+    """N1: B is min-max normalised over the candidates of *each* pruned
+    channel.  Pruned channel 0 has mismatches (3, 3.2) to its candidates and
+    is closer in cosine to the second (0.95 vs 0.80): normalised per channel
+    B = (0, 1) and lam = 0.85 picks the first (0.17 < 0.1925); normalised with
+    the smallest mismatch of the whole layer (0.1, pruned channel 3's) it
+    would be (0.935, 1) and pick the second (mutmut survivor
+    ``neuron_merging__mutmut_90``)."""
+    W = _two_candidates(0.80, 0.95, np.random.default_rng(1))
+    W = np.vstack([W, W[:1]])  # pruned 0 and 3, kept 1 and 2
+    one, beta = np.ones(4), np.array([0.0, 3.0, 3.2, 3.1])
+    kept = np.array([1, 2])
+    T, _ = neuron_merging(W, one, beta, np.zeros(4), one, kept)
+    assert np.allclose(T, _nm_reference(W, one, beta, np.zeros(4), one, kept, 0.85, 0.1), rtol=1e-12, atol=0)
+    assert np.flatnonzero(T[0]).tolist() == [0] and np.flatnonzero(T[3]).tolist() == [1]
+
+
 def test_n1_threshold_is_inclusive():
     """Cosine similarity exactly t = 0.1 merges (only below t does not):
     filters (1, 0, 0, 0) and (1, 3, 3, 9) / 10 have cosine 1/10 in floats."""
@@ -293,6 +310,19 @@ def test_r2_the_shift_goes_into_bias_running_mean_or_a_new_bias():
     names = set(d.tensors)
     absorb(d, d.node("c1"), np.eye(4), np.zeros(4), np.float32)
     assert set(d.tensors) == names and "bias" not in d.node("c1").params
+    # no bias, read by something else than a lone BN, not the network output: a new tensor too
+    from udfc_ref import Model, Node
+
+    rng = np.random.default_rng(1)
+    t = {"c.weight": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+         "d.weight": rng.standard_normal((3, 4, 1, 1)).astype(np.float32)}
+    e = Model(t, [Node("c", "conv2d", ["x"], "h", {"padding": 1}, {"weight": "c.weight"}),
+                  Node("r", "relu", ["h"], "a"), Node("d", "conv2d", ["a"], "y", {}, {"weight": "d.weight"})],
+              "x", (2, 8, 8))
+    before = e.forward(x, return_values=True)["h"]
+    shift_output(e, e.node("c"), delta, np.float32)
+    assert e.node("c").params["bias"] == "c.bias" and np.array_equal(e.tensors["c.bias"], delta.astype(np.float32))
+    assert np.allclose(e.forward(x, return_values=True)["h"], before + delta[None, :, None, None], atol=1e-5)
 
 
 # ----------------------------------------------------------------- storage
@@ -405,3 +435,55 @@ def test_q3_mse_clip_is_the_best_grid_ratio_per_channel(symmetric):
         if not symmetric:
             assert int(q.zero_point[c]) == z
     assert float(q.scale[2]) == pytest.approx(float(quantize(w[2:], 4, symmetric=symmetric).scale[0]), rel=0.2)
+
+
+# ----------------------------------------------------------------- BN parameters (A1, S1, N2)
+
+def test_bn_affine_is_torch_batch_norm_in_eval_mode():
+    """(gamma, beta, mu, sigma) of a BN, sigma = sqrt(running_var + eps), give
+    PyTorch's eval-mode batch norm gamma (x - mu) / sigma + beta (a large eps,
+    so that sqrt(var - eps) or sqrt(var) would show); sigma enters S1's -bn
+    criteria and N2's merge scale."""
+    import torch
+    from helpers import bn_params
+
+    from udfc_ref import Model, Node
+    from udfc_ref.datamodel import bn_affine
+
+    rng = np.random.default_rng(3)
+    t = {}
+    node = Node("bn", "batch_norm", ["x"], "y", {"eps": 0.7}, bn_params(rng, 3, "bn", t))
+    g, b, mu, sigma = bn_affine(Model(t, [node], "x", (3, 4, 4)), node)
+    x = rng.standard_normal((2, 3, 4, 4))
+    ref = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), *(torch.from_numpy(t[f"bn.{k}"].astype(np.float64))
+                               for k in ("running_mean", "running_var", "weight", "bias")),
+        training=False, eps=0.7).numpy()
+    got = g[:, None, None] * (x - mu[:, None, None]) / sigma[:, None, None] + b[:, None, None]
+    assert np.allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_q2_codes_come_from_the_stored_scale_also_after_the_q3_search():
+    """Q2: the scale is rounded to float32 *before* the codes are computed,
+    also for the scales the Q3 search tries, so q = rint(w / s) holds for the
+    stored s.  The row is built (by a search) so that one weight lies between
+    the rounding boundaries j + 1/2 of the float64 scale A / 7 and of its
+    float32 rounding: the two scales give different codes for it."""
+    for k in range(1, 5000):
+        big = np.float32(1 + k * 1e-4)
+        s64 = float(big) / 7
+        s32 = float(np.float32(s64))
+        for h in (0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5):
+            lo, hi = sorted((h * s64, h * s32))
+            e = np.float32(lo)
+            e = e if float(e) > lo else np.nextafter(e, np.float32(np.inf))
+            if lo < float(e) < hi:
+                break
+        else:
+            continue
+        break
+    assert np.rint(float(e) / s32) != np.rint(float(e) / s64)
+    w = np.array([[big] * 20 + [-big] * 20 + [e]], np.float32)  # 40 big weights: clipping them costs most
+    q = quantize(w, 4, mse_clip=True)
+    assert float(q.scale[0]) == s32  # r = 1
+    assert np.array_equal(q.codes[0].astype(np.float64), np.clip(np.rint(w[0].astype(np.float64) / s32), -7, 7))

@@ -124,6 +124,8 @@ def test_d8_average_pool_lag_correlation(k, s):
     r, se = lag1_correlation(pool(x, k, s, "avg"), mean=np.zeros(1))
     got = dm.values["p0"].rho
     assert abs(got - r) <= Z * se, (got, r, se)
+    # A4: the conv after the pool reads this propagated rho (not a new D3 fit on the BN after it)
+    assert dm.inputs["c1"].rho_s == got
     if (k, s) == (2, 2):
         assert got == pytest.approx(rho * (1 + rho) / 2, abs=1e-12)
 
@@ -154,6 +156,12 @@ def test_rho_is_kept_at_most_0_99():
     r, _ = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
     assert r > 0.99 and lag_correlation(f, im, (1, 1)) == 0.99
     assert pool_lag_correlation(0.99, (3, 3), (1, 1)) <= 0.99
+    # and at least 0: a checkerboard filter anti-correlates neighbouring outputs
+    f = np.tile(np.array([1.0, -1.0] * 4 + [1.0]), (1, 2, 1))
+    im = InputModel(np.zeros(2), np.eye(2), 0.5, spatial_positions(node, m))
+    x = ar_fields(np.random.default_rng(7), 200, 2, 12, 12, 0.5)
+    r, se = lag1_correlation(conv(x, f.reshape(1, 2, 3, 3)), mean=np.zeros(1))
+    assert r < -5 * se and lag_correlation(f, im, (1, 1)) == 0.0
 
 
 def _exact_bn_var(f, pos, rho):
@@ -226,3 +234,24 @@ def test_lazy_data_model_equals_the_eager_one_and_holds_only_the_frontier():
             assert np.array_equal(st.mean, ref.mean) and np.array_equal(st.cov, ref.cov) and st.rho == ref.rho
         held.append(len(lazy.values))
     assert max(held) <= 4 < len(eager.values)
+
+
+def test_a4_a_1x1_conv_reads_and_keeps_the_propagated_rho():
+    """A 1x1 conv after a value whose rho is propagated (D8 through an
+    average pool) reads that rho (no D3 fit on the BN after it, which would
+    give 0 for one tap), and its output keeps it: Cov(y(p), y(p + e)) =
+    W (rho C) W^T = rho W C W^T exactly (D6 for one tap, stride 1)."""
+    m = chain()
+    t = dict(m.tensors)
+    rng = np.random.default_rng(11)
+    t["c1.weight"] = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
+    nodes = [Node(n.name, n.op, n.inputs, n.output, dict(n.attrs), dict(n.params)) for n in m.nodes]
+    for n in nodes:
+        if n.name == "c1":
+            n.attrs = {}
+        if n.name == "fc":
+            t["fc.weight"] = rng.standard_normal((3, 4 * 16)).astype(np.float32)
+    dm = DataModel(Model(t, nodes, "x", m.input_shape))
+    rho = dm.values["p0"].rho
+    assert 0.05 < rho < 0.99
+    assert dm.inputs["c1"].rho_s == rho and dm.values["c1"].rho == pytest.approx(rho, abs=1e-12)
