@@ -40,12 +40,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.sweep import dask_client, sweep  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
-          "efficientnet_mnist", "mobilenetv3_mnist")
+from train import MODELS  # noqa: E402  (the benchmark models, one list)
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)
 BITS = (None, 8, 6, 4)
 METHODS = ("none", "nm", "udfc")

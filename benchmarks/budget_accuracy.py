@@ -37,13 +37,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 import udfc_ref  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
-          "efficientnet_mnist", "mobilenetv3_mnist")
+from train import MODELS  # noqa: E402  (the benchmark models, one list)
 VARIANTS = ("uniform", "budget_macs", "budget_bytes", "budget_macs_coupled", "budget_bytes_auto")
 BITS = 6
 

@@ -42,6 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 import udfc_ref  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
@@ -51,8 +53,7 @@ from udfc_ref.evaluate import load_npz  # noqa: E402
 from udfc_ref.groups import find_groups  # noqa: E402
 from udfc_ref.pairs import find_pairs  # noqa: E402
 
-MODELS = ("vgg_mnist", "resnet_mnist", "mobilenet_mnist", "keras_mnist", "vgg_digits", "vgg_small_mnist",
-          "efficientnet_mnist", "mobilenetv3_mnist")
+from train import MODELS  # noqa: E402  (the benchmark models, one list)
 
 
 def _nsr(a, b) -> float:
