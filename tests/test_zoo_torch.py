@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -124,7 +125,9 @@ def measure(name: str) -> dict:
     model = ct.to_udfc(net, INPUT_SHAPE)
     t_import = time.perf_counter() - t0
     t0 = time.perf_counter()
-    small, rep = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small, rep = udfc_ref.compress(model, prune_ratio=0.3, weight_bits=6, method="udfc")
     t_compress = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = ct.pt2_bytes(small)
@@ -145,6 +148,7 @@ def measure(name: str) -> dict:
         "macs_kept": small.flops() / model.flops(),
         "params_kept": small.param_count() / model.param_count(),
         "seconds": (t_import, t_compress, t_export),
+        "warnings": [str(w.message) for w in caught],
     }
 
 
@@ -161,6 +165,9 @@ def test_model_as_it_comes(name):
     # every conv / linear layer is pruned or has a recorded reason
     for layer in r["layers"]:
         assert layer in rec["layers"] or rec.get("unpruned", {}).get(layer), layer
+    # a ratio that prunes nothing says so (ConvNeXt: no BatchNorm), once; the others do not warn
+    nothing = [w for w in r["warnings"] if "pruned no channel" in w]
+    assert len(nothing) == (0 if name in WITH_BN else 1), r["warnings"]
     if name in WITH_BN:  # channels actually pruned, with the requested ratio
         assert r["pruned"] >= 1 and r["macs_kept"] < 1.0
         for layer, v in rec["layers"].items():
