@@ -124,19 +124,25 @@ def test_unreachable_budget_names_the_floor_and_prune_coupled():
         compress(m, target_macs=0.01, prune_coupled=True)
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--target-macs", "0"], "target_macs must be a fraction"),
-    (["--target-macs", "1.5"], "target_macs must be a fraction"),
-    (["--target-macs", "0.5", "--prune-ratio", "0.3"], "exclusive"),
-    (["--target-macs", "0.5", "--target-bytes", "0.5"], "one budget at a time"),
-    (["--target-macs", "0.001"], "unreachable"),
-    (["--weight-bits", "auto", "--target-macs", "0.5"], "needs target_bytes"),
+@pytest.mark.parametrize("args,match,code", [
+    (["--target-macs", "0"], "argument --target-macs: must be a fraction of the original in (0, 1), got '0'", 2),
+    (["--target-bytes", "1.5"], "argument --target-bytes: must be a fraction", 2),
+    (["--target-params", "nan"], "argument --target-params: must be a fraction", 2),
+    (["--target-macs", "0.5", "--prune-ratio", "0.3"], "exclusive", 1),
+    (["--target-macs", "0.5", "--target-bytes", "0.5"], "one budget at a time", 1),
+    (["--target-macs", "0.001"], "unreachable", 1),
+    (["--weight-bits", "auto", "--target-macs", "0.5"], "needs target_bytes", 1),
 ])
-def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, capsys, args, match):
+def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, capsys, args, match, code):
+    """Out of (0, 1) is a usage error (exit 2, like --prune-ratio 1.5); the rest exit 1."""
     src = tmp_path / "m.safetensors"
     save(vgg(), src)
     out = tmp_path / "o.safetensors"
-    assert main(["compress", str(src), str(out)] + args) == 1
+    try:
+        got = main(["compress", str(src), str(out)] + args)
+    except SystemExit as e:  # usage errors leave through argparse
+        got = e.code
+    assert got == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("udfc: error: ") and match in err[0]
     assert not out.exists() and os.listdir(tmp_path) == ["m.safetensors"]

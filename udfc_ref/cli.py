@@ -164,11 +164,15 @@ def _compress_bits(s: str):
 
 
 def _fraction(s: str) -> float:
-    """A budget: any number; compress checks it is in (0, 1) (one error, exit 1, naming the option)."""
+    """A budget: a fraction of the original in (0, 1) (else a usage error, exit 2, like --prune-ratio);
+    whether it is reachable is checked by compress (exit 1)."""
     try:
-        return float(s)
+        f = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (math.isfinite(f) and 0.0 < f < 1.0):
+        raise argparse.ArgumentTypeError(f"must be a fraction of the original in (0, 1), got {s!r}")
+    return f
 
 
 def _bit_list(s: str) -> list:
