@@ -348,7 +348,7 @@ rule(EQUIV, "a depthwise conv through the dense layout (D1) gives the same stati
      new=r"dwf = None|or True else None")
 rule(OUTSIDE, "the depthwise path (D1 without the zeros, G = C o W R W^T): killed by "
      "`tests/test_se_pruning.py::test_depthwise_statistics_equal_the_dense_layout`, which is not in the "
-     "mutmut selection (checked by hand for `dwf / sqrt`, `cov / (...)`, `mean = None`)",
+     "mutmut selection (checked by hand for `dwf / sqrt`, `cov / (...)`, `mean = None`, `src.mean / dwf.sum(1)`)",
      func=r"^_propagate$", old=r"fd = f if dwf is None else|g = src\.cov \* \(dwf|mean = src\.mean \* dwf\.sum\(1\)")
 rule(EQUIV, "`lag_correlation` reads only the covariance of its input model, never its mean",
      func=r"^_propagate$", old=r"im_d = im if dwf is None else InputModel\(np\.zeros\(1\), cd, rho, pos\)",
