@@ -175,3 +175,12 @@ def test_m1_m2_far_in_the_lower_tail_against_50_digit_quadrature(beta):
     m2 = mpmath.quad(lambda u: (b + u) ** 2 * mpmath.npdf(u), [-b, mpmath.inf])
     mean, sq = clipped_gaussian_moments(np.array([beta]), np.array([1.0]), 0.0, np.inf)
     assert abs(mean[0] / float(m1) - 1) < 1e-9 and abs(sq[0] / float(m2) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("act,beta", [("relu", 0.0), ("relu6", 6.0), ("relu", -0.5), ("relu6", 2.0)])
+def test_m3_a_constant_has_no_hermite_component(act, beta):
+    """M3 with gamma = 0 (a dead BN channel): f(beta) is a constant, so
+    c_n = E[f He_n] / sqrt(n!) = f(beta) E[He_n] / sqrt(n!) = 0 for every
+    n >= 1, also with beta exactly on a kink of the activation (0 / 0 there)."""
+    c = hermite_coefficients(np.array([beta, 1.0]), np.array([0.0, 0.0]), act)
+    assert c.shape == (30, 2) and np.array_equal(c, np.zeros((30, 2)))

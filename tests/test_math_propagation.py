@@ -225,3 +225,120 @@ def test_fake_quantize_passes_its_options():
     w = np.random.default_rng(4).standard_normal((3, 5)).astype(np.float32)
     for kw in ({"symmetric": False}, {"per_channel": False}, {"mse_clip": True}):
         assert np.array_equal(fake_quantize(w, 3, **kw), quantize(w, 3, **kw).dequantize())
+
+
+def test_d9_d10_affine_pad_reshape_permute_follow_their_rules():
+    """D9: a per-channel affine y_c = w_c x_c + b_c has mean w E x + b and
+    covariance C o w w^T, rho kept; D10: a zero pad keeps everything; a
+    reshape / permute that keeps the channel axis keeps mean and covariance
+    (rho only when H, W are unchanged); one that changes the channel count or
+    moves the channel axis gives unknown statistics (None), also when the
+    size of axis 1 happens to stay the same.  Written out from the upstream
+    value."""
+    rng = np.random.default_rng(11)
+    t = {"af.weight": rng.uniform(-2, 2, 4).astype(np.float32), "af.bias": rng.normal(0, 1, 4).astype(np.float32),
+         "al.weight": rng.uniform(0.5, 2, 6).astype(np.float32)}
+    nodes = [_conv(t, rng, "c", "x", 3, 4), Node("b", "batch_norm", ["c"], "b", {"eps": 1e-5}, bn_params(rng, 4, "b", t)),
+             Node("af", "affine", ["b"], "af", {"axis": 1}, {"weight": "af.weight", "bias": "af.bias"}),
+             Node("al", "affine", ["b"], "al", {"axis": 3}, {"weight": "al.weight"}),  # last axis: not per channel
+             Node("pd", "pad", ["af"], "pd", {"padding": [1, 0, 0, 0]}),  # (4, 3, 6) -> (4, 4, 6)
+             Node("rs", "reshape", ["af"], "rs", {"shape": [4, 18]}),  # channels kept (C = 4, H = 3)
+             Node("rs12", "reshape", ["af"], "rs12", {"shape": [12, 6]}),  # channels changed
+             Node("pw", "permute", ["pd"], "pw", {"perm": [0, 1, 3, 2]}),  # (4, 6, 4): channel axis kept
+             Node("ph", "permute", ["pd"], "ph", {"perm": [0, 2, 1, 3]}),  # (4, 4, 6): H moved onto axis 1
+             Node("sq", "permute", ["pd"], "sq", {"perm": [0, 1, 2, 3]})]
+    dm = DataModel(Model(t, nodes, "x", (3, 3, 6), output_name="pd"))
+    v = dm.values
+    w, bias = t["af.weight"].astype(np.float64), t["af.bias"].astype(np.float64)
+    src = v["b"]
+    assert src.rho is not None and src.rho > 0
+    assert np.allclose(v["af"].mean, w * src.mean + bias, rtol=1e-12, atol=1e-12)
+    assert np.allclose(v["af"].cov, src.cov * np.outer(w, w), rtol=1e-12, atol=1e-12) and v["af"].rho == src.rho
+    assert v["al"] is None
+    a = v["af"]
+    assert np.array_equal(v["pd"].mean, a.mean) and np.array_equal(v["pd"].cov, a.cov) and v["pd"].rho == a.rho
+    for name in ("rs", "pw"):
+        assert np.array_equal(v[name].mean, a.mean) and np.array_equal(v[name].cov, a.cov) and v[name].rho is None
+    assert np.array_equal(v["sq"].cov, a.cov) and v["sq"].rho == a.rho
+    assert v["rs12"] is None and v["ph"] is None
+
+
+def test_a4_a_bn_and_an_activation_reading_unknown_statistics():
+    """A4 after a value of unknown statistics (a permute across the channel
+    axis): a BN's output is mean beta, covariance diag(gamma^2) (the input
+    treated as white), rho unknown; an activation on it gives unknown
+    statistics; a linear layer on the last axis of a 2-D (C, L) value (a
+    reshape of a map, C = L) is not a channel statistic either."""
+    rng = np.random.default_rng(12)
+    t = {}
+    nodes = [_conv(t, rng, "c", "x", 3, 4), Node("ph", "permute", ["c"], "ph", {"perm": [0, 2, 1, 3]}),  # (4,4,5)
+             Node("b", "batch_norm", ["ph"], "b", {"eps": 1e-5}, bn_params(rng, 4, "b", t)),
+             Node("r", "relu", ["ph"], "r"), Node("rb", "relu", ["b"], "rb"),
+             Node("p", "avg_pool2d", ["c"], "p", {"kernel": 2}), Node("rs", "reshape", ["p"], "rs", {"shape": [4, 4]}),
+             Node("gp", "global_avg_pool", ["ph"], "gp"),
+             Node("col", "avg_pool2d", ["c"], "col", {"kernel": [1, 5]}),  # (4, 4, 1)
+             Node("fcol", "flatten", ["col"], "fcol")]  # (16,): not a channel vector
+    t["l.weight"] = rng.standard_normal((3, 4)).astype(np.float32)
+    nodes.append(Node("l", "linear", ["rs"], "l", {}, {"weight": "l.weight"}))  # (4, 4) -> (4, 3)
+    dm = DataModel(Model(t, nodes, "x", (3, 4, 5), output_name="l"))
+    v = dm.values
+    assert v["ph"] is None and v["r"] is None
+    g = t["b.weight"].astype(np.float64)
+    assert np.allclose(v["b"].mean, t["b.bias"], rtol=0, atol=0) and v["b"].rho is None
+    assert np.allclose(v["b"].cov, np.diag(g * g), rtol=1e-12, atol=0)
+    assert v["rb"] is not None and np.all(np.isfinite(v["rb"].mean))
+    assert v["rs"] is not None and v["rs"].mean.shape == (4,) and v["l"] is None
+    assert v["gp"] is None and v["col"] is not None and v["fcol"] is None
+
+
+def test_a4_add_concat_rho_is_the_variance_weighted_mean_or_unknown():
+    """A4: the rho of an add / concat is sum_b rho_b tr(C_b) / sum_b tr(C_b)
+    (also when the total variance is below 1); unknown when one branch's rho
+    is unknown (the network input) or the branches carry no variance (dead
+    BN channels, gamma = 0)."""
+    rng = np.random.default_rng(13)
+    t = {}
+    nodes = [_conv(t, rng, "c", "x", 2, 3), Node("b", "batch_norm", ["c"], "b", {"eps": 1e-5}, bn_params(rng, 3, "b", t)),
+             _conv(t, rng, "d", "x", 2, 3), Node("e", "batch_norm", ["d"], "e", {"eps": 1e-5}, bn_params(rng, 3, "e", t)),
+             Node("z", "batch_norm", ["d"], "z", {"eps": 1e-5}, bn_params(rng, 3, "z", t)),
+             Node("add", "add", ["b", "e"], "add"), Node("cat", "concat", ["x", "b"], "cat"),
+             Node("dead", "concat", ["z", "z"], "dead")]
+    t["b.weight"] = np.full(3, 0.2, np.float32)
+    t["e.weight"] = np.full(3, 0.3, np.float32)
+    t["z.weight"] = np.zeros(3, np.float32)
+    v = DataModel(Model(t, nodes, "x", (2, 6, 6), output_name="add")).values
+    b, e = v["b"], v["e"]
+    wb, we = np.trace(b.cov), np.trace(e.cov)
+    assert wb + we < 1 and b.rho > 0 and e.rho > 0 and b.rho != e.rho
+    assert v["add"].rho == pytest.approx((wb * b.rho + we * e.rho) / (wb + we), rel=1e-12)
+    assert v["x"].rho is None and v["cat"].rho is None and v["cat"].mean.shape == (5,)
+    assert np.trace(v["z"].cov) == 0 and v["dead"].rho is None
+
+
+def test_a4_linear_after_a_softmax_reads_a_white_input():
+    """A4: a linear layer reading a value of unknown statistics (a softmax of
+    a flattened (C, 1, 1) map) takes the white input (mean 0, covariance I),
+    not the statistics of the value before the softmax."""
+    rng = np.random.default_rng(14)
+    t = {"fc.weight": rng.standard_normal((2, 3)).astype(np.float32)}
+    nodes = [_conv(t, rng, "c", "x", 2, 3, bias=True), Node("gap", "global_avg_pool", ["c"], "gap"),
+             Node("flat", "flatten", ["gap"], "flat"), Node("sm", "softmax", ["flat"], "sm", {"axis": 1}),
+             Node("fc", "linear", ["sm"], "y", {}, {"weight": "fc.weight"})]
+    dm = DataModel(Model(t, nodes, "x", (2, 5, 5)))
+    assert dm.values["flat"] is not None and np.abs(dm.values["flat"].mean).max() > 0.1 and dm.values["sm"] is None
+    assert np.array_equal(dm.inputs["fc"].mean_c, np.zeros(3)) and np.array_equal(dm.inputs["fc"].cov_c, np.eye(3))
+
+
+def test_d1_a_depthwise_conv_with_a_channel_multiplier_is_a_grouped_conv():
+    """D1: a conv with groups = C_in and 2 C_in outputs (channel multiplier 2)
+    is not a depthwise conv of C_in filters: output o reads input channel
+    o // 2, so on the white input its covariance is F F^T with F the dense
+    filters written out by hand (no BN after it: rho = 0)."""
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    m = Model({"c.weight": w}, [Node("c", "conv2d", ["x"], "y", {"groups": 2, "padding": 1}, {"weight": "c.weight"})],
+              "x", (2, 6, 6))
+    f = np.zeros((4, 2 * 9))
+    for o in range(4):
+        f[o, (o // 2) * 9:(o // 2 + 1) * 9] = w[o, 0].reshape(-1)
+    assert np.allclose(DataModel(m).values["y"].cov, f @ f.T, rtol=1e-12, atol=1e-12)

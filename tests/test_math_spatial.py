@@ -255,3 +255,20 @@ def test_a4_a_1x1_conv_reads_and_keeps_the_propagated_rho():
     rho = dm.values["p0"].rho
     assert 0.05 < rho < 0.99
     assert dm.inputs["c1"].rho_s == rho and dm.values["c1"].rho == pytest.approx(rho, abs=1e-12)
+
+
+def test_d3_calibrates_on_running_var_plus_eps():
+    """A3/D3: the data's variance is running_var + eps (PyTorch's eval-mode
+    BN).  With eps comparable to the variances, the fit recovers rho only
+    from running_var + eps; the exact variances are written out tap by tap."""
+    rng = np.random.default_rng(8)
+    t = {"c.weight": (rng.standard_normal((6, 2, 3, 3)) + 0.5).astype(np.float32)}
+    f = t["c.weight"].astype(np.float64).reshape(6, 2, 9)
+    pos = np.stack(np.meshgrid(np.arange(3), np.arange(3), indexing="ij"), -1).reshape(-1, 2)
+    var = _exact_bn_var(f, pos, RHO)
+    eps = 0.9 * var.min()
+    bn = bn_params(rng, 6, "b", t)
+    t["b.running_var"] = (var - eps).astype(np.float32)
+    m = Model(t, [Node("c", "conv2d", ["x"], "c", {}, {"weight": "c.weight"}),
+                  Node("b", "batch_norm", ["c"], "b", {"eps": float(eps)}, bn)], "x", (2, 8, 8))
+    assert DataModel(m).inputs["c"].rho_s == pytest.approx(RHO, abs=1e-12)
