@@ -31,13 +31,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import zipfile
-import zlib
 
 import numpy as np
 
-from .atomic import open_input
-from .errors import OptionError, UDFCError
+from .errors import OptionError
 from .forward import conv2d, linear, run_node
 from .graph import Model, Node
 from .datamodel import bn_affine
@@ -79,26 +76,12 @@ def load_calibration(path) -> np.ndarray:
     numbers, never unpickled); an uncompressed member is memory-mapped, so a
     large calibration set is read batch by batch.  Raises DataError (a
     FormatError, as for ``udfc eval --data``)."""
-    from .evaldata import DataError, _npz_member
+    from .evaldata import DataError, read_npz
 
     path = os.fspath(path)
-    with open_input(path) as fh:  # a regular file: never block on a FIFO
-        if fh.read(6) == b"\x93NUMPY":
-            raise DataError(f"{path}: a .npy file (one array); calibration images are an .npz with the array "
-                              "x (numpy.savez(path, x=x))")
-        fh.seek(0)
-        try:
-            with zipfile.ZipFile(fh) as zf:
-                if "x.npy" not in zf.namelist():
-                    have = ", ".join(n[:-4] if n.endswith(".npy") else n for n in zf.namelist()[:8]) or "none"
-                    raise DataError(f"{path}: calibration images are the array 'x'; the file has {have}")
-                x, _ = _npz_member(path, fh, zf, "x")
-        except UDFCError as e:
-            raise e if isinstance(e, DataError) else DataError(str(e)) from None
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise DataError(f"{path}: cannot read as .npz ({msg}); calibration images are an .npz with the "
-                              "array x") from None
+    x, _ = read_npz(path, ("x",), "calibration images are an .npz with the array x (numpy.savez(path, x=x))",
+                    "calibration images are the array 'x'; the file has ",
+                    "calibration images are an .npz with the array x")["x"]
     if x.ndim != 4 or x.dtype.kind != "f":
         raise DataError(f"{path}: 'x' must be a float (N, C, H, W) array, got {x.dtype} {x.shape}")
     step = max(1, BATCH_BYTES // max(1, x[:1].nbytes))

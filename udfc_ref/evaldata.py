@@ -114,26 +114,41 @@ def _npz_member(path: str, fh, zf: zipfile.ZipFile, key: str):
                      order="F" if fortran else "C"), True
 
 
-def _open_npz(path: str):
+def read_npz(path: str, members: tuple, npy_hint: str, missing: str, read_hint: str) -> dict:
+    """The arrays ``members`` of the ``.npz`` file ``path``, each checked by
+    :func:`_npz_member` (regular file, header against bytes, plain numbers,
+    never unpickled; memory-mapped when stored uncompressed).
+
+    Returns ``{name: (array, mapped)}``.  Every failure is a DataError whose
+    message ends in the caller's hint: ``npy_hint`` for a bare ``.npy``,
+    ``missing`` + the members the file has, ``read_hint`` for an unreadable
+    zip."""
     with open_input(path) as fh:  # a regular file: never block on a FIFO
         if fh.read(6) == b"\x93NUMPY":
-            raise DataError(f"{path}: a .npy file (one array); a test set is an .npz with arrays x and y "
-                            "(numpy.savez(path, x=x, y=y)) or a directory with x.npy and y.npy")
+            raise DataError(f"{path}: a .npy file (one array); {npy_hint}")
         fh.seek(0)
         try:
             with zipfile.ZipFile(fh) as zf:
                 names = zf.namelist()
-                if "x.npy" not in names or "y.npy" not in names:
+                if any(f"{m}.npy" not in names for m in members):
                     have = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names[:8]) or "none"
-                    raise DataError(f"{path}: needs arrays 'x' and 'y', has {have}")
-                x, mapped = _npz_member(path, fh, zf, "x")
-                y, _ = _npz_member(path, fh, zf, "y")
-        except UDFCError:
+                    raise DataError(f"{path}: {missing}{have}")
+                return {m: _npz_member(path, fh, zf, m) for m in members}
+        except DataError:
             raise
+        except UDFCError as e:  # the member checks raise FormatError: a data error here
+            raise DataError(str(e)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise DataError(f"{path}: cannot read as .npz ({msg}); a test set is an .npz with arrays x, y or a "
-                            "directory with x.npy, y.npy") from None
+            raise DataError(f"{path}: cannot read as .npz ({msg}); {read_hint}") from None
+
+
+def _open_npz(path: str):
+    arrays = read_npz(path, ("x", "y"),
+                      "a test set is an .npz with arrays x and y (numpy.savez(path, x=x, y=y)) or a directory "
+                      "with x.npy and y.npy", "needs arrays 'x' and 'y', has ",
+                      "a test set is an .npz with arrays x, y or a directory with x.npy, y.npy")
+    (x, mapped), (y, _) = arrays["x"], arrays["y"]
     return x, y, mapped
 
 
