@@ -287,11 +287,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         # ---- a pair: select, prune rows, quantize, solve, absorb
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
         kept = unit_of[pair.name].kept(ratio_of[pair.name])
-        weights = np.zeros(n_out)  # the consumers' column energies w_i of Eq. E2
-        for c in pair.consumers:
-            wc = orig.tensors[c.node.params["weight"]]
-            cw = wc.reshape(wc.shape[0], n_out, -1)
-            weights += np.einsum("onr,onr->n", cw, cw, dtype=np.float64)  # no float64 copy of the layer
+        weights = sum(_coupled.column_energy(orig, c.node, n_out) for c in pair.consumers)  # w_i of Eq. E2
         if criterion == "cov" and pair.groups == 1 and kept.size < n_out:
             # Eq. S4: as many channels, those the others are best rebuilt from
             cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)

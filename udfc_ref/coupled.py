@@ -86,12 +86,13 @@ def block_udfc(st: PairStats, n: int, blocks: int, alpha1: float, alpha2: float)
 def column_energy(model: Model, node: Node, n: int) -> np.ndarray:
     """``w_i = ||W'_{:, i, :}||_F^2`` of a consumer over its ``n`` input
     channels (Eq. E2 weights); a grouped conv's columns are per block."""
-    w = model.tensors[node.params["weight"]].astype(np.float64)
+    w = model.tensors[node.params["weight"]]  # summed in float64 without a float64 copy of the layer
     if node.op == "conv2d" and node.attrs["groups"] > 1:
         g = node.attrs["groups"]
-        e = (w**2).reshape(g, w.shape[0] // g, w.shape[1], -1).sum(axis=(1, 3))  # (G, C/G)
-        return e.reshape(n)
-    return (w.reshape(w.shape[0], n, -1) ** 2).sum(axis=(0, 2))
+        wg = w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+        return np.einsum("gocr,gocr->gc", wg, wg, dtype=np.float64).reshape(n)  # (G, C/G) blocks
+    wr = w.reshape(w.shape[0], n, -1)
+    return np.einsum("onr,onr->n", wr, wr, dtype=np.float64)
 
 
 def rebuild_value(out: Model, orig: Model, dm: DataModel, onode: Node, value: str, kept: np.ndarray, method: str,
