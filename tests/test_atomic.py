@@ -262,17 +262,21 @@ def _mkstemp_then_signal(sig):
 
 @pytest.fixture
 def sigterm_raises():
-    """SIGTERM raises like the CLI's handler does (``udfc_ref.cli.Terminated``)."""
+    """SIGTERM raises like the CLI's handler does (``udfc_ref.cli.Terminated``),
+    and SIGINT raises KeyboardInterrupt as in an interactive Python, also when
+    the test run was started with SIGINT ignored (a shell's background job)."""
     import signal
 
     from udfc_ref.cli import Terminated, _raise_terminated
 
     old = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield Terminated
     signal.signal(signal.SIGTERM, old)
+    signal.signal(signal.SIGINT, old_int)
 
 
-def test_sigint_inside_the_writability_probe_leaves_no_probe_file(tmp_path, monkeypatch):
+def test_sigint_inside_the_writability_probe_leaves_no_probe_file(tmp_path, monkeypatch, sigterm_raises):
     """SIGINT between mkstemp and unlink used to leave .udfc-probe.XXXX.tmp."""
     monkeypatch.setattr(atomic.tempfile, "mkstemp", _mkstemp_then_signal("SIGINT"))
     with pytest.raises(KeyboardInterrupt):
