@@ -12,9 +12,9 @@ default and the real-image oracle.
 
 The only gradient needed is that of the objective with respect to the input,
 through the network: PyTorch's autograd does it (an optional extra, imported
-lazily here; the network is rebuilt with ``converters.torch_export.to_module``,
-which checks nothing new -- the model is the file's).  NumPy measures the
-result independently (:func:`bn_mismatch`) before anything is returned.
+lazily here; the network is rebuilt as a PyTorch module by
+``converters.torch_export.to_module``).  NumPy measures the result
+independently (:func:`bn_mismatch`) before anything is returned.
 """
 
 from __future__ import annotations
@@ -59,21 +59,24 @@ def bn_mismatch(model: Model, x: np.ndarray, batch: int = 256) -> list[BNMismatc
     variance of its input over the images ``x`` (all images and positions)
     to its ``running_mean`` / ``running_var``."""
     nodes = bn_nodes(model)
-    sums = {n.name: None for n in nodes}
-    count = {n.name: 0 for n in nodes}
+    acc = {}  # node -> (count, mean, centred sum of squares), merged batch by batch (Chan et al., as Eq. C1)
     for i in range(0, len(x), batch):
         vals = model.forward(np.asarray(x[i:i + batch], dtype=np.float32), return_values=True)
         for n in nodes:
             v = np.asarray(vals[n.inputs[0]], dtype=np.float64)
             v = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
-            s = np.stack([v.sum(0), (v * v).sum(0)])
-            sums[n.name] = s if sums[n.name] is None else sums[n.name] + s
-            count[n.name] += v.shape[0]
+            cb, mb = v.shape[0], v.mean(0)
+            sb = ((v - mb) ** 2).sum(0)
+            if n.name not in acc:
+                acc[n.name] = (cb, mb, sb)
+                continue
+            ca, ma, sa = acc[n.name]
+            d = mb - ma
+            acc[n.name] = (ca + cb, ma + d * cb / (ca + cb), sa + sb + d * d * ca * cb / (ca + cb))
     out = []
     for n in nodes:
-        s, c = sums[n.name], count[n.name]
-        mu_hat = s[0] / c
-        var_hat = s[1] / c - mu_hat**2
+        c, mu_hat, m2 = acc[n.name]
+        var_hat = m2 / c
         mu = model.tensors[n.params["running_mean"]].astype(np.float64)
         var = model.tensors[n.params["running_var"]].astype(np.float64)
         out.append(BNMismatch(n.name, float(np.linalg.norm(mu_hat - mu) / np.sqrt(max(var.sum(), 1e-300))),
