@@ -45,10 +45,12 @@ def test_copula_stats_against_monte_carlo(marginal):
 def test_measured_rung_is_the_least_squares_optimum():
     sl = _ladder()
     x = np.load(os.path.join(ROOT, "benchmarks", "models", "digits_test.npz"))["x"][:120].astype(np.float32)
-    rows = sl.ladder("vgg_digits", 0.5, x, np.random.default_rng(0), rows=4000)
+    noise = np.random.default_rng(1).standard_normal((30,) + x.shape[1:]).astype(np.float32)
+    rows = sl.ladder("vgg_digits", 0.5, x, np.random.default_rng(0), rows=4000, synthetic=noise)
     assert [r["pair"] for r in rows] == ["features.0", "features.3", "features.7", "features.10"]
+    assert "synthetic" in sl.table(rows)
     for r in rows:
-        assert r["measured cov err"] == 0.0
-        for rung in sl.RUNGS[:-1]:
+        assert r["measured cov err"] == 0.0 and r["synthetic cov err"] > 0
+        for rung in sl.RUNGS[:-1] + ["synthetic"]:
             assert r["measured"] <= r[rung] + 1e-9, (r["pair"], rung)
         assert 0 < r["measured"] < r["drop"] <= 1
