@@ -126,12 +126,12 @@ GRAM_BLOCK = 384
 
 
 @functools.lru_cache(maxsize=8)
-def _strict_lower(n: int) -> tuple:
-    """``np.tril_indices(n, -1)``, built once per block size (read-only)."""
-    idx = np.tril_indices(n, -1)
-    for i in idx:
-        i.flags.writeable = False
-    return idx
+def _strict_lower(n: int) -> np.ndarray:
+    """(n, n) bool mask of the entries below the diagonal, built once per
+    block size (read-only; n^2 bytes, no index arrays)."""
+    mask = np.tri(n, k=-1, dtype=bool)
+    mask.flags.writeable = False
+    return mask
 
 
 def gram_sym(a: np.ndarray, b: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarray:
@@ -146,8 +146,7 @@ def gram_sym(a: np.ndarray, b: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarra
         i1 = min(i0 + block, n)
         g[i0:i1, i0:] = a[i0:i1] @ b[i0:].T
         d = g[i0:i1, i0:i1]
-        lo = _strict_lower(i1 - i0)
-        d[lo] = d.T[lo]  # the diagonal block: its upper triangle, mirrored
+        np.copyto(d, d.T, where=_strict_lower(i1 - i0))  # the diagonal block: its upper triangle, mirrored
         g[i1:, i0:i1] = g[i0:i1, i1:].T
     return g
 
