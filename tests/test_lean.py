@@ -190,3 +190,18 @@ def test_same_as_sees_one_code_and_one_scale_bit():
     scale.view(np.uint32)[1] ^= 1
     assert not QuantizedTensor(q.codes, scale, q.zero_point, 4, False, True).same_as(q)
     assert not QuantizedTensor(q.codes, q.scale, q.zero_point, 5, False, True).same_as(q)
+
+
+def test_compressing_a_compressed_model_reads_its_codes(tmp_path):
+    """A model holding codes is an input like any other: compressing it again
+    gives what compressing the same model loaded from its file gives."""
+    small, _ = udfc_ref.compress(vgg(), prune_ratio=0.3, weight_bits=6)
+    udfc_ref.save(small, tmp_path / "s.safetensors")
+    loaded = udfc_ref.load(tmp_path / "s.safetensors")
+    assert not loaded.tensors.held_as_codes() and small.tensors.held_as_codes()
+    a, ra = udfc_ref.compress(small, prune_ratio=0.2, weight_bits=4)
+    b, rb = udfc_ref.compress(loaded, prune_ratio=0.2, weight_bits=4)
+    assert [r.error_after for r in ra.layers] == [r.error_after for r in rb.layers]
+    assert set(a.tensors) == set(b.tensors)
+    for k in a.tensors:
+        assert np.array_equal(a.tensors[k], b.tensors[k]), k

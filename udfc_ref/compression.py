@@ -134,6 +134,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     (compressed model, Report)
         ``model`` is never modified.  Tensors the compression leaves unchanged
         are shared with ``model`` (not copied), so write into neither in place.
+        A quantized weight is held as its codes only (``model.quant[name]``):
+        ``tensors[name]`` dequantizes it on every read and returns a read-only
+        array (``tensors.spec(name)`` gives its shape and dtype for free).
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
@@ -252,7 +255,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     given_back = 0  # layers [0, given_back) whose original weights are read no more
     # the selection above read every producer's filters: their pages go back now and are read again (from
     # the page cache) when the walk reaches them, so the input is resident a few layers at a time
-    release_pages(orig.tensors.values())
+    release_pages([orig.tensor_spec(k) for k in orig.tensors])  # arrays (a spec of codes is skipped)
     for step, onode in enumerate(layer_nodes):
         if bar is not None:
             bar.update(step, onode.name)
@@ -451,7 +454,7 @@ def _give_back(orig: Model, layer_nodes, done: int, step: int, dm) -> int:
     input file is memory-mapped read-only (``io.release_pages``; a no-op
     otherwise).  Returns the new count of layers given back."""
     while done < step and (dm is None or dm.propagated(layer_nodes[done].name)):
-        release_pages([orig.tensors[t] for t in layer_nodes[done].params.values()])
+        release_pages([orig.tensor_spec(t) for t in layer_nodes[done].params.values()])
         done += 1
     return done
 

@@ -101,7 +101,7 @@ class _SpecMap:
         self._model = model
 
     def __getitem__(self, t):
-        return self._model._spec(t)
+        return self._model.tensor_spec(t)
 
 
 class Model:
@@ -171,8 +171,9 @@ class Model:
         t = node.params.get(role)
         return None if t is None else self.tensors[t]
 
-    def _spec(self, t: str):
-        """Shape and dtype of tensor ``t`` (the array, or a TensorSpec for one held as codes)."""
+    def tensor_spec(self, t: str):
+        """Shape and dtype of tensor ``t`` without dequantizing: the array
+        itself, or a :class:`~udfc_ref.tensors.TensorSpec` for one held as codes."""
         tensors = self.tensors
         return tensors.spec(t) if isinstance(tensors, Tensors) else tensors[t]
 
@@ -210,7 +211,7 @@ class Model:
     # -------------------------------------------------------------- counting
     def param_count(self) -> int:
         used = {t for n in self.nodes for t in n.params.values()}
-        return int(sum(self._spec(t).size for t in used))
+        return int(sum(self.tensor_spec(t).size for t in used))
 
     def weight_bytes(self) -> int:
         """Bytes of the parameters as stored: integer codes at their bit width
@@ -220,7 +221,7 @@ class Model:
         for t in used:
             q = self.quant.get(t)
             if q is None:
-                total += self._spec(t).nbytes
+                total += self.tensor_spec(t).nbytes
             else:
                 total += q.storage_bytes()
         return int(total)
@@ -231,11 +232,11 @@ class Model:
         total = 0
         for n in self.nodes:
             if n.op == "conv2d":
-                w = self._spec(n.params["weight"])
+                w = self.tensor_spec(n.params["weight"])
                 _, ho, wo = self.shapes[n.output]
                 total += int(w.size) * ho * wo
             elif n.op == "linear":  # once per position of a (..., F) input
-                total += int(self._spec(n.params["weight"]).size) * _prod(self.shapes[n.inputs[0]][:-1])
+                total += int(self.tensor_spec(n.params["weight"]).size) * _prod(self.shapes[n.inputs[0]][:-1])
         return total
 
     # ------------------------------------------------------------ validation
@@ -279,7 +280,7 @@ class Model:
                     raise GraphError(f"node {n.name!r}: {n.op} has no parameter role {role!r}")
                 if t not in self.tensors:
                     raise GraphError(f"node {n.name!r}: parameter {role!r} names the tensor {t!r}, which is missing")
-                arr = self._spec(t)
+                arr = self.tensor_spec(t)
                 if not isinstance(arr, (np.ndarray, TensorSpec)) or arr.dtype.kind != "f":
                     raise GraphError(f"tensor {t!r} (node {n.name!r}, {role}) must be a float array, got "
                                      f"{getattr(arr, 'dtype', type(arr))}")
