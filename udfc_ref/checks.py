@@ -21,14 +21,8 @@ def check_numbers(model) -> None:
     Checks every parameter tensor a node uses for NaN/Inf, and every
     batch_norm for ``running_var >= 0`` and ``running_var + eps > 0``
     (evaluated in float64, so a float16 variance is judged by its value, not
-    by an underflowing sum).
-
-    A tensor that is a view of a read-only mapped file (``load(...,
-    writable=False)``) has its pages given back once checked
-    (``io.release_pages``): checking a model does not make all of it
-    resident."""
-    from .io import release_pages  # io imports this module
-
+    by an underflowing sum).  A weight held as codes is judged on its codes
+    (``QuantizedTensor.finite``), without a dequantized copy."""
     used = {}
     for n in model.nodes:
         for role, t in n.params.items():
@@ -40,7 +34,6 @@ def check_numbers(model) -> None:
         if not np.all(np.isfinite(a)):
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
             raise NumericError(f"tensor {t!r} (node {n.name!r}, {role}) holds {bad} NaN/Inf value(s)")
-        release_pages((a,))
     for t, q in model.quant.items():
         if t in used and not (np.all(np.isfinite(q.scale)) and np.all(q.scale > 0)):
             n, role = used[t]

@@ -342,7 +342,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 finish(pair.se.squeeze)
         st = source.stats(req(which="value"))
         st_other = audit.stats(req(which="value")) if audit is not None else None
-        # the filters (float64, twice the layer) are read no more (Neuron Merging reads Wd): freed before the solve
+        # the filters and the request are read no more (Neuron Merging reads Wd): freed before the solve
         req = None
         if method != "nm":
             Wd = None
