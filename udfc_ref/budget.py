@@ -1,6 +1,6 @@
 """Compress to a budget: per-unit prune ratios and per-layer bits that
 minimise the predicted error subject to a MAC / parameter / byte budget
-(derivation section 12, Eq. B2-B7).
+(derivation section 12, Eq. B2-B8).
 
 A *unit* is a set of channels removed together: a pair (section 1) or a
 coupled channel group (section 11).  The allocation
@@ -16,9 +16,14 @@ coupled channel group (section 11).  The allocation
 3. counts MACs, parameters and bytes of any choice exactly
    (:class:`CostModel`, Eq. B5: the layer's cost is bilinear in the kept
    counts of the groups it reads and writes);
-4. greedily takes the move (one unit to a higher ratio, one layer to fewer
-   bits) with the least predicted error per unit of cost saved until the
-   budget is met, then gives back moves the budget no longer needs (Eq. B6).
+4. finds the uniform ratio that meets the budget (the anchor) and prices
+   every unit's deviation from it robustly: a predicted increase of its
+   error ``s`` times, a predicted decrease ``1 / s`` times (Eq. B8);
+5. greedily takes the move (one unit to a higher ratio, one layer to fewer
+   bits) with the least robust loss per unit of cost saved until the
+   budget is met, then gives back moves the budget no longer needs (Eq. B6),
+   and keeps the choice only if its robust gain over the anchor exceeds
+   ``MIN_GAIN`` of the anchor's predicted loss -- else the uniform ratio.
 """
 
 from __future__ import annotations
