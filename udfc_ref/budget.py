@@ -137,7 +137,10 @@ def check_target(prune_ratio, weight_bits, bit_choices, targets: dict):
 class Allocation:
     """What :func:`allocate` chose: ``ratios[unit]``, ``bits[layer]``
     (``weight_bits="auto"`` only), the predicted cost fraction and the
-    predicted error of each unit's choice (Eq. B3) and layer's bits (Eq. B4)."""
+    predicted error of each unit's choice (Eq. B3) and layer's bits (Eq. B4);
+    ``anchor_ratio`` the uniform ratio meeting the budget (Eq. B8),
+    ``anchor_loss`` its predicted loss ``sum_u J_u``, ``robust_gain`` the
+    choice's ``-J*`` (0 when the anchor itself was kept)."""
 
     target: str
     fraction: float
