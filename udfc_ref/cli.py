@@ -229,7 +229,9 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                         ("bytes", "stored weight bytes")):
         g.add_argument(f"--target-{what}", type=_fraction, default=None, metavar="F",
                        help=f"keep at most the fraction F in (0, 1) of the original's {help_}: each layer's prune "
-                            "ratio (and with --weight-bits auto its bits) is chosen to minimise the predicted error")
+                            "ratio (and with --weight-bits auto its bits) is chosen to minimise the predicted error, "
+                            "hedged against the predictor's uncertainty: the uniform ratio that meets the budget "
+                            "unless a per-layer choice is predicted clearly better")
     g.add_argument("--bit-choices", type=_bit_list, default=None, metavar="LIST",
                    help="bit widths --weight-bits auto chooses from (default 8,6,4)")
 

@@ -419,7 +419,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     if alloc is not None:
         out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
                                 "bit_choices": None if bit_choices is None else list(bit_choices),
-                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits)}
+                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits),
+                                "uniform_ratio": alloc.anchor_ratio, "robust_gain": alloc.robust_gain}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
@@ -441,7 +442,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if achieved > fraction:  # the cost model is exact (an upper bound); this is a bug, never a user error
             raise RuntimeError(f"budget allocation: {target} reached {achieved:.6f} of the original, above the "
                                f"target {fraction:g} (predicted {alloc.predicted:.6f})")
-        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted}
+        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted,
+                      "uniform_ratio": alloc.anchor_ratio, "robust_gain": alloc.robust_gain}
         out.record["budget"]["achieved"] = achieved
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
