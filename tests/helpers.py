@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 
 from udfc_ref import Model, Node
@@ -91,3 +94,12 @@ def mobilenet_block(seed=0, cin=3, hidden=8, cout=6, hw=8) -> Model:
     t["fc.weight"] = (rng.standard_normal((4, cout)) / np.sqrt(cout)).astype(np.float32)
     nodes.append(Node("fc", "linear", ["flat"], "y", {}, {"weight": "fc.weight"}))
     return Model(t, nodes, "x", (cin, hw, hw))
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the benchmarks are scripts, not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,20 +4,13 @@ the PyTorch forward, with the SE chains ``compress`` prunes."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import benchmark_script
 
 def _train():
-    spec = importlib.util.spec_from_file_location("_bench_train_modern", os.path.join(ROOT, "benchmarks", "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("train")
 
 
 @pytest.mark.parametrize("name,act,gate", [("efficientnet_mnist", "silu", "sigmoid"),

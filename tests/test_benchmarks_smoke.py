@@ -8,23 +8,20 @@ accuracy recorded at training time.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
 import sys
 
 import pytest
+from helpers import benchmark_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script(name)
 
 
 @pytest.fixture(scope="module")

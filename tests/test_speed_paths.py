@@ -177,14 +177,12 @@ def test_scaling_benchmark_measures_a_whole_process_pair(tmp_path):
     """benchmarks/scaling.py: one tiny model measured as a pair of whole
     processes (compress and the I/O floor) gives positive times, a ratio, a
     peak and the stage split; the fitted exponent recovers a known power law."""
-    import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scaling.py")
-    spec = importlib.util.spec_from_file_location("scaling_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    from helpers import benchmark_script
+
+    mod = benchmark_script("scaling")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = mod.measure(mod.wide(16), str(tmp_path), 1, env)
     assert r["compress"]["wall"] > 0 and r["floor"]["wall"] > 0 and r["ratio_wall"] > 0

@@ -4,20 +4,17 @@ optimum on the same samples, so no other rung can leave a smaller residual)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from helpers import benchmark_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ladder():
-    spec = importlib.util.spec_from_file_location("_bench_stats_ladder", os.path.join(ROOT, "benchmarks", "stats_ladder.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("stats_ladder")
 
 
 def _relu(t):
