@@ -1,5 +1,5 @@
 """Calibration statistics: the pair statistics measured on unlabeled images
-(derivation section 13, Eq. C1-C4).
+(derivation section 13, Eq. C1-C7).
 
 With ``compress(..., calibration=x)`` the solver reads, instead of the data
 model's :class:`~udfc_ref.solve.PairStats`, the sample moments of real
@@ -460,7 +460,7 @@ class CalibratedStats:
         dim = int(np.prod(w.shape[1:]))  # D: the consumer's input columns, kept channels x kernel
         per = int(np.prod(self.orig.shapes[node.output][1:])) if node.op == "conv2d" else 1
         n_rows = self.n_images * min(per, -(-REFIT_ROWS // self.n_images))
-        if dim > REFIT_MAX_DIM or n_rows < 2 * dim:  # too wide to hold, or too few rows: W' T stays
+        if dim > REFIT_MAX_DIM or n_rows < REFIT_ROWS_PER_DIM * dim:  # too wide to hold, or too few rows: W' T stays
             return None
         t0 = time.perf_counter()
         try:
@@ -531,6 +531,8 @@ REFIT_ROWS = 100_000
 REFIT_RIDGE = 1e-3
 #: widest consumer input (D = kept channels x kernel positions) refitted: its (D, D) moments are held
 REFIT_MAX_DIM = 4096
+#: fewest rows per input column a refit needs (fewer: W' T stays)
+REFIT_ROWS_PER_DIM = 2
 
 
 def refit_reads(model: Model, start: str, node: Node) -> bool:
