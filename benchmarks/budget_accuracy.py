@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -86,6 +87,13 @@ def run_model(name, model, x, y, ratios, done: dict, save_row, log=print) -> Non
         log(f"  {name} r={r}: " + "  ".join(f"{v} {done[(name, r, v)]['top1']:.4f}" for v in VARIANTS), flush=True)
 
 
+def _se(model, p1, p2) -> float:
+    """Standard error of the difference of two top-1 values on the model's
+    test split (1,000 MNIST / 360 digits images, binomial)."""
+    n = 360 if model.endswith("digits") else 1000
+    return math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
+
+
 def tables(rows) -> str:
     """The markdown table and the done-when summary."""
     by = {(r["model"], r["ratio"], r["variant"]): r for r in rows}
@@ -107,24 +115,26 @@ def tables(rows) -> str:
                                                           f"{100 * (b['top1'] - u['top1']):+.1f}"))
             bm = by.get((m, r, "budget_macs"))
             if bm is not None:
-                wins.append((u["macs"], bm["top1"] - u["top1"]))
+                wins.append((u["macs"], bm["top1"] - u["top1"], _se(m, bm["top1"], u["top1"])))
             out.append(f"| {m} | {r:g} | {100 * u['macs']:.1f} | {100 * u['top1']:.1f} | {cells[0][0]} | "
                        f"{cells[0][1]} | {100 * u['bytes']:.1f} | {cells[1][0]} | {cells[1][1]} | {cells[2][0]} | "
                        f"{cells[2][1]} |")
         summary.append((m, wins))
     out.append("")
-    out.append("| model | points | budget >= uniform at equal MACs | mean Δ top-1 (points) | mean Δ at <= 50 % MACs |")
-    out.append("|---|---:|---:|---:|---:|")
-    allw, all50 = [], []
+    out.append("| model | points | budget >= uniform at equal MACs | losses beyond 2 SE | mean Δ top-1 (points) | "
+               "mean Δ at <= 50 % MACs |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    allw, all50, allbig = [], [], 0
+    mean = lambda v: f"{100 * sum(v) / len(v):+.1f}" if v else "-"  # noqa: E731
     for m, wins in summary:
-        d = [w for _, w in wins]
-        d50 = [w for f, w in wins if f <= 0.5]
+        d = [w for _, w, _ in wins]
+        d50 = [w for f, w, _ in wins if f <= 0.5]
+        big = sum(1 for _, w, se in wins if w < -2 * se)
         allw += d
         all50 += d50
-        mean = lambda v: f"{100 * sum(v) / len(v):+.1f}" if v else "-"  # noqa: E731
-        out.append(f"| {m} | {len(d)} | {sum(1 for w in d if w >= 0)} / {len(d)} | {mean(d)} | {mean(d50)} |")
-    mean = lambda v: f"{100 * sum(v) / len(v):+.1f}" if v else "-"  # noqa: E731
-    out.append(f"| all | {len(allw)} | {sum(1 for w in allw if w >= 0)} / {len(allw)} | {mean(allw)} | "
+        allbig += big
+        out.append(f"| {m} | {len(d)} | {sum(1 for w in d if w >= 0)} / {len(d)} | {big} | {mean(d)} | {mean(d50)} |")
+    out.append(f"| all | {len(allw)} | {sum(1 for w in allw if w >= 0)} / {len(allw)} | {allbig} | {mean(allw)} | "
                f"{mean(all50)} |")
     out.append("")
     out.append("| model | bytes % (uniform at 0.3 / 0.5) | budget, 6 bits | budget, bits from {8, 6, 4} | "

@@ -17,10 +17,11 @@ from .graph import Model, Node
 from .compression import compress
 from .io import load, save
 from .sweep import sweep  # the function; the module is udfc_ref.sweep in sys.modules (importlib.import_module)
+from .synthetic import synthesize  # optional: needs PyTorch when called (imported lazily)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "Node", "load", "save", "compress", "sweep", "UDFCError", "FormatError", "GraphError",
+    "Model", "Node", "load", "save", "compress", "sweep", "synthesize", "UDFCError", "FormatError", "GraphError",
     "NumericError", "OptionError", "ConversionError", "__version__",
 ]

@@ -1,6 +1,6 @@
 """Compress to a budget: per-unit prune ratios and per-layer bits that
 minimise the predicted error subject to a MAC / parameter / byte budget
-(derivation section 12, Eq. B2-B7).
+(derivation section 12, Eq. B2-B8).
 
 A *unit* is a set of channels removed together: a pair (section 1) or a
 coupled channel group (section 11).  The allocation
@@ -16,9 +16,14 @@ coupled channel group (section 11).  The allocation
 3. counts MACs, parameters and bytes of any choice exactly
    (:class:`CostModel`, Eq. B5: the layer's cost is bilinear in the kept
    counts of the groups it reads and writes);
-4. greedily takes the move (one unit to a higher ratio, one layer to fewer
-   bits) with the least predicted error per unit of cost saved until the
-   budget is met, then gives back moves the budget no longer needs (Eq. B6).
+4. finds the uniform ratio that meets the budget (the anchor) and prices
+   every unit's deviation from it robustly: a predicted increase of its
+   error ``s`` times, a predicted decrease ``1 / s`` times (Eq. B8);
+5. greedily takes the move (one unit to a higher ratio, one layer to fewer
+   bits) with the least robust loss per unit of cost saved until the
+   budget is met, then gives back moves the budget no longer needs (Eq. B6),
+   and keeps the choice only if its robust gain over the anchor exceeds
+   ``MIN_GAIN`` of the anchor's predicted loss -- else the uniform ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ TARGETS = ("macs", "params", "bytes")
 RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(20))
 #: bit widths of ``weight_bits="auto"`` when none are given
 DEFAULT_BIT_CHOICES = (8, 6, 4)
+#: Eq. B8's factor ``s``: how far (multiplicatively) a unit's predicted loss may be off
+PREDICTOR_SPREAD = 1.75
+#: Eq. B8's margin ``tau``: leave the uniform anchor only for a robust predicted gain above this fraction of its loss
+MIN_GAIN = 0.05
 
 
 @dataclass
@@ -128,7 +137,10 @@ def check_target(prune_ratio, weight_bits, bit_choices, targets: dict):
 class Allocation:
     """What :func:`allocate` chose: ``ratios[unit]``, ``bits[layer]``
     (``weight_bits="auto"`` only), the predicted cost fraction and the
-    predicted error of each unit's choice (Eq. B3) and layer's bits (Eq. B4)."""
+    predicted error of each unit's choice (Eq. B3) and layer's bits (Eq. B4);
+    ``anchor_ratio`` the uniform ratio meeting the budget (Eq. B8),
+    ``anchor_loss`` its predicted loss ``sum_u J_u``, ``robust_gain`` the
+    choice's ``-J*`` (0 when the anchor itself was kept)."""
 
     target: str
     fraction: float
@@ -137,6 +149,9 @@ class Allocation:
     bits: dict = field(default_factory=dict)
     unit_error: dict = field(default_factory=dict)
     bits_error: dict = field(default_factory=dict)
+    anchor_ratio: float = 0.0
+    anchor_loss: float = 0.0
+    robust_gain: float = 0.0
 
 
 # ----------------------------------------------------------------- cost model (Eq. B5)
@@ -564,13 +579,20 @@ def _unreachable(kind, fraction, floor, weight_bits, bit_choices, n_units, prune
 
 
 def allocate(model, cg, units, kind, fraction, weight_bits, bit_choices, skip, method="udfc", alpha1=0.01,
-             alpha2=0.008, bias_correction=False, qkw=None, progress=False, coupled_hint=False) -> Allocation:
+             alpha2=0.008, bias_correction=False, qkw=None, progress=False, coupled_hint=False,
+             spread=None, min_gain=None) -> Allocation:
     """Eq. B6: the prune ratio of every unit (and with ``weight_bits="auto"``
     the bits of every layer) minimising the predicted error (Eq. B3-B4)
     subject to ``kind`` (macs / params / bytes) <= ``fraction`` x the
-    original's.  Raises OptionError, before any data-model work, when even
-    the smallest choice misses the budget."""
+    original's -- in the robust form of Eq. B8: relative to the uniform
+    choice that meets the budget, each unit's and layer's predicted change
+    weighed as if its prediction were off by the factor ``spread`` against
+    the move (``spread=1``: the plain Eq. B6 loss).  Raises OptionError,
+    before any data-model work, when even the smallest choice misses the
+    budget."""
     qkw = dict(qkw or {})
+    spread = PREDICTOR_SPREAD if spread is None else spread
+    min_gain = MIN_GAIN if min_gain is None else min_gain
     cm = CostModel(model, cg, units, weight_bits, skip, method, bias_correction, qkw.get("symmetric", True),
                    qkw.get("per_channel", True))
     col = TARGETS.index(kind)
@@ -588,12 +610,33 @@ def allocate(model, cg, units, kind, fraction, weight_bits, bit_choices, skip, m
     floor = cm.total(kmin, {name: choices[-1] for name in layers} if weight_bits is not None else {})[col]
     if floor > budget:
         raise _unreachable(kind, fraction, floor / orig, weight_bits, choices, len(units), coupled_hint)
+    anchor_ratio, anchor_bits = uniform_anchor(cm, units, col, budget, layers, choices if weight_bits is not None
+                                               else [None])
+    anchor = {}
+    for u in units:
+        cands[u.name], anchor[u.name] = _with_candidate(u, cands[u.name], anchor_ratio)
     unit_err, bit_err = predict_errors(model, cg, units, cands, method, alpha1, alpha2,
                                        layers if auto and len(choices) > 1 else (), choices, qkw, bias_correction,
                                        progress)
-    state = _Greedy(cm, units, cands, unit_err, bit_err if auto else {}, choices, col, k, bits)
+    bit_err = bit_err if auto else {}
+    bit_anchor = {name: choices.index(anchor_bits) for name in bit_err}
+    robust_unit = {name: robust_loss(e, anchor[name], spread) for name, e in unit_err.items()}
+    robust_bits = {name: robust_loss(e, bit_anchor[name], spread) for name, e in bit_err.items()}
+    state = _Greedy(cm, units, cands, robust_unit, robust_bits, choices, col, k, dict(bits))
     state.run(budget)
-    alloc = Allocation(kind, fraction, state.cost() / orig)
+    loss = sum(robust_unit[u.name][state.idx[u.name]] for u in units) + \
+        sum(robust_bits[name][choices.index(state.bits[name])] for name in robust_bits)
+    anchor_loss = float(sum(unit_err[u.name][anchor[u.name]] for u in units) +
+                        sum(bit_err[name][bit_anchor[name]] for name in bit_err))
+    if not -loss > min_gain * anchor_loss:  # the robust gain is too small to leave the uniform anchor (loss 0)
+        k = cm.full.copy()
+        for u in units:
+            k[u.group] = cands[u.name][1][anchor[u.name]]
+        state = _Greedy(cm, units, cands, robust_unit, robust_bits, choices, col, k,
+                        {name: anchor_bits for name in bits}, idx=anchor)
+        loss = 0.0
+    alloc = Allocation(kind, fraction, state.cost() / orig, anchor_ratio=anchor_ratio, robust_gain=float(-loss),
+                       anchor_loss=anchor_loss)
     for u in units:
         c = state.idx[u.name]
         alloc.ratios[u.name] = float(cands[u.name][0][c])
@@ -605,15 +648,64 @@ def allocate(model, cg, units, kind, fraction, weight_bits, bit_choices, skip, m
     return alloc
 
 
+def uniform_anchor(cm: CostModel, units, col, budget, layers, choices) -> tuple[float, object]:
+    """Eq. B8's anchor: the smallest prune ratio that, given to every unit
+    (Eq. S1 / S2 kept counts) with every layer at the largest of ``choices``
+    that allows it, keeps the cost (column ``col`` of Eq. B5) within
+    ``budget`` -- what ``prune_ratio`` would have to be to meet the budget.
+    Bisection on the ratio (the kept counts, hence the cost, do not increase
+    with it).  Returns ``(ratio, bits)``; the caller has checked that the
+    floor (every unit at ``min_keep``, the fewest bits) is within budget."""
+    def cost(r, b):
+        k = cm.full.copy()
+        for u in units:
+            k[u.group] = u.kept(r).size
+        return cm.total(k, {name: b for name in layers} if b is not None else {})[col]
+
+    top = 1.0 - 1e-9  # every unit at its min_keep floor
+    for b in choices:
+        if cost(top, b) <= budget:
+            break
+    if cost(0.0, b) <= budget:
+        return 0.0, b
+    lo, hi = 0.0, top
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cost(mid, b) <= budget else (mid, hi)
+    return hi, b
+
+
+def _with_candidate(u: Unit, cand, ratio) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """``cand`` = (ratios, kept counts) with the choice ``u.kept(ratio)``
+    added (unless its kept count is there already) and its index."""
+    ratios, counts = cand
+    kk = int(u.kept(ratio).size)
+    hit = np.flatnonzero(counts == kk)
+    if hit.size:
+        return cand, int(hit[0])
+    at = int(np.searchsorted(-counts, -kk))  # counts decrease strictly
+    return (np.insert(ratios, at, ratio), np.insert(counts, at, kk)), at
+
+
+def robust_loss(err: np.ndarray, anchor: int, spread: float) -> np.ndarray:
+    """Eq. B8: a unit's (or layer's) loss relative to its anchor choice, the
+    predicted change ``d = err - err[anchor]`` taken ``spread`` times where
+    it grows (the choice prunes more than the anchor: its error may be
+    under-predicted by that factor) and ``1 / spread`` of it where it
+    shrinks (the gain may be over-predicted by that factor)."""
+    d = np.asarray(err, dtype=np.float64) - float(err[anchor])
+    return np.where(d > 0, spread * d, d / spread)
+
+
 class _Greedy:
     """State of the greedy allocation: each unit's candidate index, each
     layer's bits, the current cost per node (only the budget's column)."""
 
-    def __init__(self, cm: CostModel, units, cands, unit_err, bit_err, choices, col, k, bits):
+    def __init__(self, cm: CostModel, units, cands, unit_err, bit_err, choices, col, k, bits, idx=None):
         self.cm, self.units, self.cands = cm, units, cands
         self.unit_err, self.bit_err, self.choices, self.col = unit_err, bit_err, choices, col
         self.k, self.bits = k, bits
-        self.idx = {u.name: 0 for u in units}
+        self.idx = dict(idx) if idx is not None else {u.name: 0 for u in units}
         self.node_cost = np.array([self._cost(i) for i in range(len(cm.nodes))], dtype=np.float64)
         self.unit_of = {u.name: u for u in units}
         self.keys = [("u", u.name) for u in units] + [("b", layer) for layer in bit_err]

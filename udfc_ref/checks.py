@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NumericError
+from .tensors import Tensors
 
 
 def check_numbers(model) -> None:
@@ -20,12 +21,15 @@ def check_numbers(model) -> None:
     Checks every parameter tensor a node uses for NaN/Inf, and every
     batch_norm for ``running_var >= 0`` and ``running_var + eps > 0``
     (evaluated in float64, so a float16 variance is judged by its value, not
-    by an underflowing sum)."""
+    by an underflowing sum).  A weight held as codes is judged on its codes
+    (``QuantizedTensor.finite``), without a dequantized copy."""
     used = {}
     for n in model.nodes:
         for role, t in n.params.items():
             used[t] = (n, role)
     for t, (n, role) in used.items():
+        if _held_finite(model, t):
+            continue
         a = model.tensors[t]
         if not np.all(np.isfinite(a)):
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
@@ -49,6 +53,14 @@ def check_numbers(model) -> None:
                                f"channel {i} and eps is {n.attrs['eps']:g} (division by zero)")
 
 
+def _held_finite(model, t: str) -> bool:
+    """True when ``t`` is held as codes whose dequantized values are all
+    finite (decided on the codes, ``QuantizedTensor.finite``); False when it
+    is not held as codes or is not finite (the caller then reads the values)."""
+    tensors = model.tensors
+    return isinstance(tensors, Tensors) and tensors.is_codes(t) and tensors.codes(t).finite()
+
+
 def check_layer(model, node, what: str, hint: str = "") -> None:
     """Raise NumericError naming ``node`` when one of its tensors holds
     NaN/Inf (or a quantized weight a scale that is not finite and positive)
@@ -59,9 +71,11 @@ def check_layer(model, node, what: str, hint: str = "") -> None:
     Values cast to float16/float32 beyond the dtype's range become Inf; this
     check turns that into an error before anything is written."""
     for role, t in node.params.items():
-        a = model.tensors[t]
         q = model.quant.get(t)
         bad_scale = q is not None and not (np.all(np.isfinite(q.scale)) and np.all(q.scale > 0))
+        if not bad_scale and _held_finite(model, t):
+            continue
+        a = model.tensors[t]
         if bad_scale or not np.all(np.isfinite(a)):
             limit = f"{np.finfo(a.dtype).max:.3g}" if a.dtype.kind == "f" else "its range"
             raise NumericError(f"layer {node.name!r}: {what} makes its {role} {t!r} overflow {a.dtype} "

@@ -229,7 +229,9 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                         ("bytes", "stored weight bytes")):
         g.add_argument(f"--target-{what}", type=_fraction, default=None, metavar="F",
                        help=f"keep at most the fraction F in (0, 1) of the original's {help_}: each layer's prune "
-                            "ratio (and with --weight-bits auto its bits) is chosen to minimise the predicted error")
+                            "ratio (and with --weight-bits auto its bits) is chosen to minimise the predicted error, "
+                            "hedged against the predictor's uncertainty: the uniform ratio that meets the budget "
+                            "unless a per-layer choice is predicted clearly better")
     g.add_argument("--bit-choices", type=_bit_list, default=None, metavar="LIST",
                    help="bit widths --weight-bits auto chooses from (default 8,6,4)")
 
@@ -459,6 +461,37 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_synthesize(a) -> int:
+    import io as _io
+
+    import numpy as np
+
+    from .atomic import write_bytes_atomic
+    from .calibrate import check_calibration, load_calibration
+    from .synthetic import bn_mismatch, synthesize
+
+    check_output(a.output, a.model)
+    m = read_model(a.model, a.torch_module, a.input_shape)
+    x = synthesize(m, n=a.n, steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed, threads=a.threads, progress=True)
+    rows = bn_mismatch(m, x)
+    print(f"{'BatchNorm':30s} {'mean mismatch':>14s} {'var mismatch':>13s}   (Eq. Z2, measured by the NumPy forward)")
+    for r in rows:
+        print(f"{r.node:30s} {r.mean:14.4f} {r.var:13.4f}")
+    buf = _io.BytesIO()
+    np.savez(buf, x=x)
+
+    def verify(tmp):  # never write a file `udfc compress --calibration` cannot read back
+        back = load_calibration(tmp)
+        check_calibration(m, back, f"{a.output}: array 'x'")
+        if not np.array_equal(np.asarray(back), x):
+            raise UDFCError(f"{a.output}: the images read back differ from those written; nothing was written")
+
+    write_bytes_atomic(a.output, buf.getvalue(), verify=verify)
+    print(f"wrote {a.output} ({len(x)} images {tuple(x.shape[1:])}); use it with: udfc compress MODEL OUT "
+          f"--calibration {a.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="udfc",
@@ -524,6 +557,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the model compressed with --method (suffix picks the format; never the "
                         "bundled files)")
     s.set_defaults(func=cmd_demo)
+
+    from .sweep import suffix_type
+    from .synthetic import BATCH, LR, N_IMAGES, STEPS
+
+    s = sub.add_parser(
+        "synthesize", help="synthetic calibration images matched to the model's BatchNorm statistics (no data)",
+        description="Optimise images until every BatchNorm layer sees, on them, the mean and variance its running "
+                    "statistics record (Eq. Z1, docs/derivation.md section 14; ZeroQ's distilled data). No data "
+                    "is read: the images come from the weights and BN statistics alone. Use them as "
+                    "'udfc compress --calibration FILE.npz' (the sequential mode then measures the pair "
+                    "statistics on them). Needs PyTorch (pip install 'udfc-ref[torch]') for the gradient.",
+        epilog="example:\n  udfc synthesize model.safetensors synthetic.npz --n 256\n"
+               "  udfc compress model.safetensors small.safetensors --prune-ratio 0.5 --weight-bits 6 "
+               "--calibration synthetic.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model", help="udfc-ref .safetensors file, a Keras .keras/.h5 file, or PyTorch weights "
+                                 "(with --torch-module)")
+    s.add_argument("output", type=suffix_type((".npz",)),
+                   help="where to write the images (.npz with the array x, written atomically)")
+    g = s.add_argument_group("PyTorch input")
+    g.add_argument("--torch-module", metavar="SPEC",
+                   help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for")
+    g = s.add_argument_group("optimisation")
+    g.add_argument("--n", type=_checked(int, lambda v: v >= 2, "an integer >= 2"), default=N_IMAGES, metavar="N",
+                   help=f"number of images (default {N_IMAGES})")
+    g.add_argument("--steps", type=_positive_int, default=STEPS, metavar="N",
+                   help=f"Adam steps per batch (default {STEPS}); the table printed at the end shows how well "
+                        "the statistics are matched")
+    g.add_argument("--lr", type=_checked(float, lambda v: 0 < v < float("inf"), "a positive number"), default=LR,
+                   metavar="X", help=f"Adam step size on the pixels (default {LR})")
+    g.add_argument("--batch", type=_positive_int, default=BATCH, metavar="N",
+                   help=f"images optimised together, each batch matching the statistics on its own (default {BATCH})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="PyTorch threads (default: PyTorch's choice; 1 is often faster on a busy machine)")
+    s.set_defaults(func=cmd_synthesize)
 
     from .compression import CRITERIA, METHODS
     from .sweep import PLOT_SUFFIXES, RESULT_SUFFIXES, list_of, one_of, parse_switch, suffix_type

@@ -138,6 +138,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     (compressed model, Report)
         ``model`` is never modified.  Tensors the compression leaves unchanged
         are shared with ``model`` (not copied), so write into neither in place.
+        A quantized weight is held as its codes only (``model.quant[name]``):
+        ``tensors[name]`` dequantizes it on every read and returns a read-only
+        array (``tensors.spec(name)`` gives its shape and dtype for free).
     """
     skip = list(skip or ())
     _check_options(model, prune_ratio, weight_bits, method, criterion, alpha1, alpha2, skip, min_keep)
@@ -254,6 +257,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     layer_nodes = [n for n in orig.nodes if n.op in ("conv2d", "linear")]
     bar = Progress(len(layer_nodes), "compress") if progress else None
     given_back = 0  # layers [0, given_back) whose original weights are read no more
+    # the selection above read every producer's filters: their pages go back now and are read again (from
+    # the page cache) when the walk reaches them, so the input is resident a few layers at a time
+    release_pages([orig.tensor_spec(k) for k in orig.tensors])  # arrays (a spec of codes is skipped)
     for step, onode in enumerate(layer_nodes):
         if bar is not None:
             bar.update(step, onode.name)
@@ -281,7 +287,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 del eps
             if dm is not None:
                 dm.release(onode.name)
-            n_now = int(out.tensors[wkey].shape[0])
+            n_now = int(out.tensors.spec(wkey).shape[0])
             note = unpruned.get(onode.name, "") if n_now == n_out else companion.get(
                 onode.name, "depthwise, pruned with its producer")
             reports.append(LayerReport(onode.name, onode.op, n_out, n_now, bits, n_now != n_out, note=note))
@@ -289,6 +295,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             continue
 
         # ---- a pair: select, prune rows, quantize, solve, absorb
+        if dm is not None:  # the data model's propagation up to this layer first: its temporaries are gone
+            dm.advance_to(onode.name)  # before this layer's filters, codes and errors are allocated below
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
         kept = unit_of[pair.name].kept(ratio_of[pair.name])
         weights = sum(_coupled.column_energy(orig, c.node, n_out) for c in pair.consumers)  # w_i of Eq. E2
@@ -304,7 +312,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if bits is not None:
             eps_w = _quantize_layer(out, node, bits, qkw, quantized)
         t = tick("quantize", t)
-        Wd = dense_filters(orig, onode)  # (N, C, R) original filters, original coordinates
+        # (N, C, R) original filters, original coordinates; in their stored precision on the fast path
+        # (exact values, half the memory of float64: pair_stats accumulates in float64 where it reads them)
+        Wd = dense_filters(orig, onode, dtype=np.float64 if exact else None)
         ik = in_kept.get(onode.name)
         if pair.dw is not None:
             # depthwise chain: the depthwise channel and its BN go with the producer channel
@@ -321,6 +331,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             extra = -_bias_correct(out, node, eps_w, dm, onode, ik)
         req = functools.partial(StatsRequest, pair, kept, Wd=Wd, Wq=_embedded_filters(Wd, kept, eps_w, ik, pair.groups),
                                 gamma=gamma, beta=beta, extra=extra)
+        eps_w = None  # embedded in Wq
         st_gap = None
         # sequential calibration: Eq. C6 (all rows from all kept channels) and the consumers' refit (Eq. C7)
         refit = method == "udfc" and isinstance(source, CalibratedStats) and source.refits
@@ -340,6 +351,10 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                 finish(pair.se.squeeze)
         st = source.stats(req(which="value"))
         st_other = audit.stats(req(which="value")) if audit is not None else None
+        # the filters and the request are read no more (Neuron Merging reads Wd): freed before the solve
+        req = None
+        if method != "nm":
+            Wd = None
         if method == "udfc" and not all(np.all(np.isfinite(v)) for v in (st.mean_a, st.var_a, st.mean_q, st.cov_q,
                                                                         st.cross)):
             raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
@@ -351,7 +366,7 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             T, tt = _solved(udfc, onode, st, n_out, alpha1, alpha2)
         elif method == "nm":
             # on a depthwise chain, merging partners are chosen on the producer filters and BN
-            T, tt = neuron_merging(Wd, gamma, beta, mu, sigma, kept)
+            T, tt = neuron_merging(Wd.astype(np.float64, copy=False), gamma, beta, mu, sigma, kept)
         else:
             T, tt = T0, t0_
         if pair.se is not None and method != "udfc":
@@ -394,6 +409,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         source.release(onode.name)
         if audit is not None:
             audit.release(onode.name)
+        # nothing of this pair is read again: its arrays do not wait for the next pair to be overwritten
+        Wd = st = st_other = st_gap = T = tt = T0 = t0_ = None
         t = tick("rewrite", t)
     if bar is not None:
         bar.update(len(layer_nodes))
@@ -419,7 +436,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     if alloc is not None:
         out.record["budget"] = {"target": target, "fraction": fraction, "predicted": alloc.predicted,
                                 "bit_choices": None if bit_choices is None else list(bit_choices),
-                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits)}
+                                "ratios": dict(alloc.ratios), "bits": dict(alloc.bits),
+                                "uniform_ratio": alloc.anchor_ratio, "robust_gain": alloc.robust_gain}
     out.validate()
     try:
         check_numbers(out)  # never hand back (or let anyone write) a model holding NaN/Inf
@@ -441,7 +459,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         if achieved > fraction:  # the cost model is exact (an upper bound); this is a bug, never a user error
             raise RuntimeError(f"budget allocation: {target} reached {achieved:.6f} of the original, above the "
                                f"target {fraction:g} (predicted {alloc.predicted:.6f})")
-        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted}
+        rep.budget = {"target": target, "fraction": fraction, "achieved": achieved, "predicted": alloc.predicted,
+                      "uniform_ratio": alloc.anchor_ratio, "robust_gain": alloc.robust_gain}
         out.record["budget"]["achieved"] = achieved
     rep.seconds = time.perf_counter() - t0
     rep.stage_seconds = stages
@@ -454,7 +473,7 @@ def _give_back(orig: Model, layer_nodes, done: int, step: int, dm) -> int:
     input file is memory-mapped read-only (``io.release_pages``; a no-op
     otherwise).  Returns the new count of layers given back."""
     while done < step and (dm is None or dm.propagated(layer_nodes[done].name)):
-        release_pages([orig.tensors[t] for t in layer_nodes[done].params.values()])
+        release_pages([orig.tensor_spec(t) for t in layer_nodes[done].params.values()])
         done += 1
     return done
 
@@ -503,8 +522,8 @@ def _embedded_filters(Wd, kept, eps_w, ik, groups) -> np.ndarray:
     """Eq. D4: the compressed kept filters in the original input coordinates,
     (M, C, R): ``W[kept]`` with the quantization error ``eps_w`` embedded at
     the kept input channels ``ik`` (all when None); a grouped producer's error
-    laid out densely (Eq. D1)."""
-    Wq = Wd[kept].copy()
+    laid out densely (Eq. D1).  Float64 whatever the dtype of ``Wd``."""
+    Wq = Wd[kept].astype(np.float64, copy=False)  # a new float64 array: the error is added exactly below
     if eps_w is not None:
         E = eps_w.reshape(kept.size, -1, Wd.shape[2])
         if groups > 1:  # Eq. D1 layout: the group's input columns of the dense filters
@@ -548,7 +567,10 @@ def _refit(out: Model, source: CalibratedStats, start: str, onode, b_now, delta)
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True) -> np.ndarray | None:
-    """Quantize the layer's (current) weight in place; return Q(W) - W in float64 (None unless ``error``)."""
+    """Quantize the layer's (current) weight in place; return Q(W) - W in float64 (None unless ``error``).
+
+    The model keeps the codes only (``Tensors.hold_codes``): the weight reads
+    back dequantized, and no float copy of it stays beside the codes."""
     key = node.params["weight"]
     w = model.tensors[key]
     q = quantize(w, bits, **qkw)
@@ -556,6 +578,7 @@ def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True
     model.tensors[key] = deq
     model.quant[key] = q
     check_layer(model, node, f"{bits}-bit quantization", f"--skip {node.name} avoids it")
+    model.tensors.hold_codes(key, q)
     quantized[node.name] = {"tensor": key, "bits": bits, "symmetric": q.symmetric, "per_channel": q.per_channel}
     return deq.astype(np.float64) - w.astype(np.float64) if error else None
 

@@ -20,6 +20,7 @@ Assumptions (stated in ``docs/derivation.md``):
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -43,11 +44,14 @@ class ValueStats:
     rho: float | None = None
 
 
-def dense_filters(model: Model, node: Node) -> np.ndarray:
-    """Layer weights as (O, C_in, K) in float64 (Eq. D1 layout): a grouped
+def dense_filters(model: Model, node: Node, dtype=np.float64) -> np.ndarray:
+    """Layer weights as (O, C_in, K) in ``dtype`` (Eq. D1 layout): a grouped
     conv expanded with zeros to all input channels; a linear layer after a
-    flatten of (C, H, W) split into C channels of H*W columns (C-order)."""
-    w = model.tensors[node.params["weight"]].astype(np.float64)
+    flatten of (C, H, W) split into C channels of H*W columns (C-order).
+    ``dtype=None``: the stored dtype, at least float32 (every value exact:
+    half the memory of float64 for a float32 model)."""
+    w = model.tensors[node.params["weight"]]
+    w = w.astype(np.result_type(w.dtype, np.float32) if dtype is None else dtype)
     if node.op == "linear":
         src = _flatten_source_shape(model, node)
         c = src[0] if src is not None else w.shape[1]
@@ -56,7 +60,7 @@ def dense_filters(model: Model, node: Node) -> np.ndarray:
     g = node.attrs["groups"]
     if g == 1:
         return w.reshape(o, cg, kh * kw)
-    dense = np.zeros((o, cg * g, kh * kw))
+    dense = np.zeros((o, cg * g, kh * kw), dtype=w.dtype)
     og = o // g
     grp = np.arange(o) // og
     cols = grp[:, None] * cg + np.arange(cg)[None, :]
@@ -121,6 +125,15 @@ def spatial_correlation(pos: np.ndarray, rho: float) -> np.ndarray:
 GRAM_BLOCK = 384
 
 
+@functools.lru_cache(maxsize=8)
+def _strict_lower(n: int) -> np.ndarray:
+    """(n, n) bool mask of the entries below the diagonal, built once per
+    block size (read-only; n^2 bytes, no index arrays)."""
+    mask = np.tri(n, k=-1, dtype=bool)
+    mask.flags.writeable = False
+    return mask
+
+
 def gram_sym(a: np.ndarray, b: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarray:
     """``a @ b.T`` for a product known to be symmetric, ``a = F Sigma_x``,
     ``b = F`` (rows ``(n, K*C)``; Eq. D4): only the blocks on and above the
@@ -133,8 +146,7 @@ def gram_sym(a: np.ndarray, b: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarra
         i1 = min(i0 + block, n)
         g[i0:i1, i0:] = a[i0:i1] @ b[i0:].T
         d = g[i0:i1, i0:i1]
-        lo = np.tril_indices(i1 - i0, -1)
-        d[lo] = d.T[lo]  # the diagonal block: its upper triangle, mirrored
+        np.copyto(d, d.T, where=_strict_lower(i1 - i0))  # the diagonal block: its upper triangle, mirrored
         g[i1:, i0:i1] = g[i0:i1, i1:].T
     return g
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import GraphError
 from .ops import MAX_VALUE_ELEMENTS, OPS, conv_out_hw, prod as _prod  # noqa: F401  (re-exported)
+from .tensors import Tensors, TensorSpec
 
 
 def _is_scalar(v) -> bool:
@@ -82,6 +83,27 @@ class Node:
 # the model
 # --------------------------------------------------------------------------
 
+class _SpecView:
+    """What ``OPS[op].infer`` reads of a model (``tensors[name]`` and
+    ``param``), giving shapes and dtypes: a weight held as codes is not
+    dequantized to be measured."""
+
+    def __init__(self, model):
+        self.tensors = _SpecMap(model)
+
+    def param(self, node, role):
+        t = node.params.get(role)
+        return None if t is None else self.tensors[t]
+
+
+class _SpecMap:
+    def __init__(self, model):
+        self._model = model
+
+    def __getitem__(self, t):
+        return self._model.tensor_spec(t)
+
+
 class Model:
     """A CNN as named tensors plus an ordered, validated node list.
 
@@ -89,7 +111,10 @@ class Model:
     ----------
     tensors : dict[str, np.ndarray]
         Parameter tensors by name (float arrays; conv weights OIHW, linear
-        weights (out, in)).
+        weights (out, in)); held as a :class:`udfc_ref.tensors.Tensors`
+        mapping, in which a quantized weight may be held as its codes only
+        (``compress`` does: read, it is dequantized; ``tensors.spec(name)``
+        gives its shape and dtype without that).
     nodes : list[Node]
         The operations; reordered topologically on validation.
     input_name : str
@@ -107,7 +132,7 @@ class Model:
 
     def __init__(self, tensors, nodes, input_name="input", input_shape=(3, 32, 32), output_name=None,
                  record=None, quant=None, validate=True):
-        self.tensors: dict[str, np.ndarray] = dict(tensors)
+        self.tensors: Tensors = Tensors(tensors)
         self.nodes: list[Node] = list(nodes)
         self.input_name = input_name
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -146,6 +171,12 @@ class Model:
         t = node.params.get(role)
         return None if t is None else self.tensors[t]
 
+    def tensor_spec(self, t: str):
+        """Shape and dtype of tensor ``t`` without dequantizing: the array
+        itself, or a :class:`~udfc_ref.tensors.TensorSpec` for one held as codes."""
+        tensors = self.tensors
+        return tensors.spec(t) if isinstance(tensors, Tensors) else tensors[t]
+
     def producer(self, value: str) -> Node | None:
         return self._indexes()[1].get(value)
 
@@ -158,13 +189,19 @@ class Model:
         unless ``share_tensors`` (then the arrays are the same objects, for a
         caller that only ever *replaces* tensors, never writes into them)."""
         m = Model.__new__(Model)
-        m.tensors = dict(self.tensors) if share_tensors else {k: np.array(v, copy=True) for k, v in self.tensors.items()}
+        # shared: the quantization table's entries too (replaced, never written into, like the arrays)
+        m.quant = dict(self.quant) if share_tensors else _copy.deepcopy(self.quant)
+        m.tensors = Tensors(self.tensors).copy(m.quant)
+        if not share_tensors:
+            held = set(m.tensors.held_as_codes())
+            for k in m.tensors:
+                if k not in held:
+                    m.tensors[k] = np.array(m.tensors[k], copy=True)
         m.nodes = [Node.from_json(n.to_json(), i) for i, n in enumerate(self.nodes)]
         m.input_name = self.input_name
         m.input_shape = self.input_shape
         m.output_name = self.output_name
         m.record = _copy.deepcopy(self.record)
-        m.quant = _copy.deepcopy(self.quant)
         m.shapes = dict(self.shapes)
         return m
 
@@ -174,7 +211,7 @@ class Model:
     # -------------------------------------------------------------- counting
     def param_count(self) -> int:
         used = {t for n in self.nodes for t in n.params.values()}
-        return int(sum(self.tensors[t].size for t in used))
+        return int(sum(self.tensor_spec(t).size for t in used))
 
     def weight_bytes(self) -> int:
         """Bytes of the parameters as stored: integer codes at their bit width
@@ -184,7 +221,7 @@ class Model:
         for t in used:
             q = self.quant.get(t)
             if q is None:
-                total += self.tensors[t].nbytes
+                total += self.tensor_spec(t).nbytes
             else:
                 total += q.storage_bytes()
         return int(total)
@@ -195,11 +232,11 @@ class Model:
         total = 0
         for n in self.nodes:
             if n.op == "conv2d":
-                w = self.tensors[n.params["weight"]]
+                w = self.tensor_spec(n.params["weight"])
                 _, ho, wo = self.shapes[n.output]
                 total += int(w.size) * ho * wo
             elif n.op == "linear":  # once per position of a (..., F) input
-                total += int(self.tensors[n.params["weight"]].size) * _prod(self.shapes[n.inputs[0]][:-1])
+                total += int(self.tensor_spec(n.params["weight"]).size) * _prod(self.shapes[n.inputs[0]][:-1])
         return total
 
     # ------------------------------------------------------------ validation
@@ -243,14 +280,14 @@ class Model:
                     raise GraphError(f"node {n.name!r}: {n.op} has no parameter role {role!r}")
                 if t not in self.tensors:
                     raise GraphError(f"node {n.name!r}: parameter {role!r} names the tensor {t!r}, which is missing")
-                arr = self.tensors[t]
-                if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+                arr = self.tensor_spec(t)
+                if not isinstance(arr, (np.ndarray, TensorSpec)) or arr.dtype.kind != "f":
                     raise GraphError(f"tensor {t!r} (node {n.name!r}, {role}) must be a float array, got "
                                      f"{getattr(arr, 'dtype', type(arr))}")
                 if arr.size == 0:
                     raise GraphError(f"tensor {t!r} (node {n.name!r}, {role}) is empty (shape {arr.shape})")
             spec.normalise(n)
-            shape = tuple(int(d) for d in spec.infer(self, n, [self.shapes[i] for i in n.inputs]))
+            shape = tuple(int(d) for d in spec.infer(_SpecView(self), n, [self.shapes[i] for i in n.inputs]))
             if _prod(shape) > MAX_VALUE_ELEMENTS:
                 raise GraphError(f"node {n.name!r}: output {n.output!r} of shape {shape} exceeds "
                                  f"{MAX_VALUE_ELEMENTS} elements per sample")

@@ -22,6 +22,7 @@ from .checks import check_numbers
 from .errors import FormatError, GraphError, NumericError, UDFCError
 from .graph import Model, Node
 from .quantize import VALID_BITS, QuantizedTensor, pack_codes, qrange, unpack_codes
+from .tensors import Tensors
 
 FORMAT = "udfc-ref"
 FORMAT_VERSION = "1"
@@ -147,18 +148,31 @@ def _check_reads_back(model: Model, tmp: str, path) -> None:
             end = max((v["data_offsets"][1] for v in entries.values()), default=0)
             mapped = _Mapped(tmp, header_len, end)
             used = {t for n in nodes for t in n.params.values()}
-            tensors = {}
+            tensors = Tensors()
+            held = set(model.tensors.held_as_codes()) if isinstance(model.tensors, Tensors) else set()
             for t in sorted(used):
                 names = [k for k in (t, t + "_scale", t + "_zero_point") if k in entries]
                 if t not in entries:
                     continue  # Model() below names the missing tensor
                 raw = {k: mapped.array(entries[k]) for k in names}
-                back, _ = _parameter(tmp, t, raw, qtable, nodes)
-                a = model.tensors.get(t)
-                if a is None or a.shape != back.shape or a.dtype != back.dtype or not _same_bits(a, back):
-                    raise NumericError(f"{shown}: tensor {t!r} does not read back bit-identical; nothing was written")
-                tensors[t] = a
-                del raw, back
+                if t in held and t in qtable:  # held as codes: the codes are compared, nothing is dequantized
+                    q = model.tensors.codes(t)
+                    back = _quantized(tmp, t, qtable[t], raw)
+                    if not back.same_as(q):
+                        raise NumericError(f"{shown}: tensor {t!r} does not read back bit-identical; nothing was "
+                                           "written")
+                    if not back.finite():  # what load's check of the values would refuse
+                        raise NumericError(f"{shown}: tensor {t!r} holds NaN/Inf values; nothing was written")
+                    tensors.hold_codes(t, q)  # stands for it in the graph check below
+                    del raw, back
+                else:
+                    back, _ = _parameter(tmp, t, raw, qtable, nodes)
+                    a = model.tensors.get(t)
+                    if a is None or a.shape != back.shape or a.dtype != back.dtype or not _same_bits(a, back):
+                        raise NumericError(f"{shown}: tensor {t!r} does not read back bit-identical; nothing was "
+                                           "written")
+                    tensors[t] = a
+                    del raw, back, a
                 for k in names:
                     mapped.drop(entries[k])
             Model(tensors, nodes, input_name=inp["name"], input_shape=inp["shape"], output_name=output,

@@ -61,6 +61,33 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self.codes, self.scale, self.zero_point, np.dtype(self.dtype))
 
+    def finite(self) -> bool:
+        """Whether every dequantized value is finite, decided from each
+        channel's smallest and largest code (``x_hat`` is monotonic in ``q``
+        within a channel): integer work on the codes, no float copy."""
+        if self.codes.size == 0:
+            return True
+        flat = self.codes.reshape(self.codes.shape[0] if self.scale.size > 1 else 1, -1)
+        ext = np.stack([flat.min(axis=1), flat.max(axis=1)], axis=1)  # (O, 2) or (1, 2)
+        with np.errstate(over="ignore", invalid="ignore"):  # the answer, not a warning
+            return bool(np.all(np.isfinite(dequantize(ext, self.scale, self.zero_point, np.dtype(self.dtype)))))
+
+    def same_as(self, other: "QuantizedTensor") -> bool:
+        """Equal format, equal integer codes and zero points (by value: a
+        file holds 2..7-bit asymmetric codes unsigned, ``quantize`` makes them
+        int8) and bit-identical scales: the same dequantized tensor."""
+        def same_values(a, b):
+            if a is None or b is None:
+                return a is None and b is None
+            return a.shape == b.shape and bool(np.array_equal(a, b))
+
+        sa, sb = np.ascontiguousarray(self.scale), np.ascontiguousarray(other.scale)
+        return ((self.bits, self.symmetric, self.per_channel, np.dtype(self.dtype))
+                == (other.bits, other.symmetric, other.per_channel, np.dtype(other.dtype))
+                and sa.dtype == sb.dtype and sa.shape == sb.shape
+                and bool(np.array_equal(sa.reshape(-1).view(np.uint8), sb.reshape(-1).view(np.uint8)))
+                and same_values(self.codes, other.codes) and same_values(self.zero_point, other.zero_point))
+
     def storage_bytes(self) -> int:
         n = int(np.ceil(self.codes.size * self.bits / 8))
         n += self.scale.nbytes

@@ -86,6 +86,9 @@ class Report:
         if self.budget:
             b = self.budget
             rows.append(f"budget {b['target']} <= {100 * b['fraction']:.1f}% of the original: achieved "
-                        f"{100 * b['achieved']:.2f}%")
+                        f"{100 * b['achieved']:.2f}%" + ("" if "uniform_ratio" not in b else (
+                            f" (uniform ratio {b['uniform_ratio']:.3f} meets it; "
+                            + ("kept: no allocation predicted clearly better)" if not b["robust_gain"] > 0 else
+                               f"per-unit ratios, predicted robust gain {b['robust_gain']:.3g})"))))
         rows.append(f"time   {self.seconds:.3f} s (method={self.method})")
         return "\n".join(rows)

@@ -98,7 +98,7 @@ def pair_stats(W, Wq, im, gamma, beta, act, kept, extra_shift=None) -> PairStats
     n, m = W.shape[0], Wq.shape[0]
     dt = A.dtype  # the data model's precision (float32 fast path, float64 exact reference)
     Wq_t = np.ascontiguousarray(Wq.transpose(0, 2, 1), dtype=dt).reshape(m, -1)
-    G = np.einsum("nkc,nck->n", A, W)  # diag(W Sigma_x W^T), float64
+    G = np.einsum("nkc,nck->n", A, W, dtype=np.float64)  # diag(W Sigma_x W^T), float64 (W may be float32)
     s = np.sqrt(np.clip(G, 0, None))
     Gq = gram_sym(im.cov_times_kc(Wq_t.reshape(m, Wq.shape[2], Wq.shape[1])).reshape(m, -1), Wq_t)  # G~, symmetric
     sq = np.sqrt(np.clip(np.diag(Gq).astype(np.float64), 0, None))
