@@ -147,10 +147,11 @@ def test_each_node_runs_once_per_batch_and_memory_spills_to_temp_files(monkeypat
     assert [r.measured_after for r in rep.layers] == [r.measured_after for r in rep_want.layers]
 
 
-def test_an_exact_duplicate_is_rebuilt_exactly_with_calibration():
+def test_an_exact_duplicate_is_rebuilt_exactly_with_calibration(monkeypatch):
     """A channel that equals another on every image: the covariance
     selection (Eq. S4, measured Cov) prunes one of the two, and it is rebuilt
-    exactly from measured statistics (alpha = 0), in both modes."""
+    exactly from measured statistics (alpha = 0, refit ridge 0), in every mode."""
+    monkeypatch.setattr(cal, "REFIT_RIDGE", 0.0)
     model = vgg(seed=8)
     w = model.tensors["c0.weight"].copy()
     w[0] = w[5]
@@ -162,7 +163,7 @@ def test_an_exact_duplicate_is_rebuilt_exactly_with_calibration():
     x = _images(model, n=30)
     skip = [n.name for n in model.nodes if n.op in ("conv2d", "linear") and n.name != "c0"]
     y0 = model.forward(x)
-    for mode in ("sequential", "independent"):
+    for mode in ("sequential", "oracle", "independent"):
         small, rep = udfc_ref.compress(model, prune_ratio=1 / 8, calibration=x, calibration_mode=mode, alpha1=0.0,
                                        alpha2=0.0, skip=skip, criterion="cov")
         kept = small.record["layers"]["c0"]["kept"]
@@ -295,8 +296,9 @@ def test_pairs_are_found_in_the_test_models():
         assert find_pairs(m)[0]
 
 
-def test_sequential_coefficients_are_numpy_least_squares_on_the_activations():
-    """Independent reference for the whole calibrated path: with alpha = 0
+def test_oracle_coefficients_are_numpy_least_squares_on_the_activations():
+    """Independent reference for the oracle mode (the sequential statistics,
+    the data-free solver): with alpha = 0
     the pruned rows of T are the least-squares regression (np.linalg.lstsq,
     intercept column) of the original channels on the compressed network's
     kept channels, the kept rows the per-channel regression (Eq. U2-U3);
@@ -305,7 +307,8 @@ def test_sequential_coefficients_are_numpy_least_squares_on_the_activations():
     copy of a_K."""
     model = vgg(seed=12)
     x = _images(model, n=48, seed=3)
-    small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, alpha1=0.0, alpha2=0.0)
+    small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, calibration_mode="oracle", alpha1=0.0,
+                                 alpha2=0.0)
     kept1 = np.asarray(small.record["layers"]["c1"]["kept"])
     kept2 = np.asarray(small.record["layers"]["c2"]["kept"])
     a = _rows(model.forward(x, return_values=True)["a1"])  # (S, N) the original's channels
@@ -368,3 +371,101 @@ def test_calibration_drawn_from_the_data_models_assumptions_agrees_with_data_fre
                                          calibration_mode=mode)
         wc = cal_model.tensors["fc.weight"].astype(np.float64)
         assert np.abs(wc - wf).max() <= 0.05 * np.abs(wf).max(), mode
+
+
+def _unfold(v):
+    """(B, C, H, W) -> (B*H*W, C*9) 3x3 patches, padding 1, by torch's unfold (column order c, i, j)."""
+    import torch
+
+    u = torch.nn.functional.unfold(torch.as_tensor(np.asarray(v, np.float64)), 3, padding=1)  # B, C*9, H*W
+    return u.permute(0, 2, 1).reshape(-1, u.shape[1]).numpy()
+
+
+def _lstsq_affine(u, z):
+    """W (O, D), b (O,): np.linalg.lstsq of z (S, O) on [u, 1]."""
+    sol = np.linalg.lstsq(np.c_[u, np.ones(len(u))], z, rcond=None)[0]
+    return sol[:-1].T, sol[-1]
+
+
+def test_sequential_refit_is_numpy_least_squares_of_the_consumers_output(monkeypatch):
+    """Eq. C7 against an independent reference: with ridge 0, the refitted
+    3x3 consumer (padding 1, no bias: its constant goes into the following
+    BN's running mean) is np.linalg.lstsq of the original network's output of
+    it on torch-unfolded patches of the compressed network's input, with an
+    intercept column; the refitted linear consumer behind max pool + flatten
+    likewise on the flattened values (its constant into its bias)."""
+    monkeypatch.setattr(cal, "REFIT_RIDGE", 0.0)
+    model = vgg(seed=21)
+    x = _images(model, n=300, seed=4)
+    ref = model.forward(x, return_values=True)
+    # c1 alone: its consumer c2 (not pruned, float) is refitted
+    small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, skip=["c0", "c2"])
+    assert small.record["layers"]["c1"]["refit"] == ["c2"]
+    got = small.forward(x, return_values=True)
+    u = _unfold(got["a1"])  # the compressed network's input of c2, (S, 8 * 9)
+    z = _rows(ref["c2"])  # the original's output of c2 (no bias), (S, 16)
+    W, b = _lstsq_affine(u, z)
+    w2 = small.tensors["c2.weight"].astype(np.float64).reshape(16, -1)
+    assert w2.shape == W.shape
+    assert np.abs(w2 - W).max() <= 1e-4 * np.abs(W).max()
+    g, be = (model.tensors[f"b2.{r}"].astype(np.float64) for r in ("weight", "bias"))
+    mu, var = (model.tensors[f"b2.running_{r}"].astype(np.float64) for r in ("mean", "var"))
+    want_bn = (u @ W.T + b - mu) * g / np.sqrt(var + 1e-5) + be  # BN of the fitted output, original BN
+    assert np.abs(_rows(got["b2"]) - want_bn).max() <= 1e-4 * np.abs(want_bn).max()
+    # the fit is not W' T: the oracle mode (same statistics, data-free solver) gives another weight
+    orc, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, calibration_mode="oracle", skip=["c0", "c2"])
+    assert np.abs(orc.tensors["c2.weight"].astype(np.float64).reshape(16, -1) - W).max() > 1e-2 * np.abs(W).max()
+    # c2 alone: its consumer fc reads max pool + flatten; 300 images >= 2 x (8 x 4) columns
+    small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, skip=["c0", "c1"])
+    kept = small.record["layers"]["c2"]["kept"]
+    flat = small.forward(x, return_values=True)["flat"]
+    W, b = _lstsq_affine(np.asarray(flat, np.float64), np.asarray(ref["y"], np.float64))
+    assert np.abs(small.tensors["fc.weight"] - W).max() <= 1e-4 * np.abs(W).max()
+    assert np.abs(small.tensors["fc.bias"] - b).max() <= 1e-4 * np.abs(b).max()
+    assert len(kept) == 8 and small.tensors["fc.weight"].shape == (5, 8 * 16)
+
+
+def test_sequential_rows_are_all_least_squares_when_the_consumer_is_not_refitted(monkeypatch):
+    """Eq. C6: in the sequential mode every row of T -- the kept channels'
+    too -- is np.linalg.lstsq of the original channel on all kept compressed
+    channels (alpha1 = 0, intercept column); the consumer gets W' T (refit
+    turned off by a zero width limit)."""
+    monkeypatch.setattr(cal, "REFIT_MAX_DIM", 0)
+    model = vgg(seed=12)
+    x = _images(model, n=48, seed=3)
+    small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, alpha1=0.0, alpha2=0.0)
+    assert "refit" not in small.record["layers"]["c1"]
+    kept2 = np.asarray(small.record["layers"]["c2"]["kept"])
+    a = _rows(model.forward(x, return_values=True)["a1"])
+    q = _rows(small.forward(x, return_values=True)["a1"])
+    T, _ = _lstsq_affine(q, a)  # (N, M), every row
+    want = np.einsum("onhw,nm->omhw", model.tensors["c2.weight"].astype(np.float64)[kept2], T)
+    got = small.tensors["c2.weight"].astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_refit_rows_are_sampled_in_both_networks_alike(monkeypatch):
+    """Above REFIT_ROWS the refit uses a sample of the output positions; the
+    sampled fit must be a fit of the same rows in both networks: its error on
+    all rows is within 5 % of the all-row least squares' (a misaligned
+    sample fits noise and is far off), and not identical to it."""
+    model = vgg(seed=22)
+    x = _images(model, n=200, seed=5)
+    ref = model.forward(x, return_values=True)
+
+    def fit_error():
+        small, _ = udfc_ref.compress(model, prune_ratio=0.5, calibration=x, skip=["c0", "c2"])
+        u = _unfold(small.forward(x, return_values=True)["a1"])
+        z = _rows(ref["c2"])
+        w = small.tensors["c2.weight"].astype(np.float64).reshape(16, -1)
+        r = z - u @ w.T
+        return ((r - r.mean(0)) ** 2).sum(), u, z
+
+    monkeypatch.setattr(cal, "REFIT_RIDGE", 0.0)
+    full, u, z = fit_error()
+    W, b = _lstsq_affine(u, z)
+    best = ((z - u @ W.T - b) ** 2).sum()
+    assert abs(full - best) <= 1e-6 * best
+    monkeypatch.setattr(cal, "REFIT_ROWS", 200 * 20)  # 20 of 64 positions per image
+    sampled, _, _ = fit_error()
+    assert best < sampled <= 1.05 * best

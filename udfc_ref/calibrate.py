@@ -1,5 +1,5 @@
 """Calibration statistics: the pair statistics measured on unlabeled images
-(derivation section 13, Eq. C1-C4).
+(derivation section 13, Eq. C1-C7).
 
 With ``compress(..., calibration=x)`` the solver reads, instead of the data
 model's :class:`~udfc_ref.solve.PairStats`, the sample moments of real
@@ -9,6 +9,11 @@ compressed network's kept channels ``a~_K`` on the images ``x``:
 * ``"sequential"`` (default): ``a~_K`` is computed by the compressed network
   as built so far -- every upstream pair already pruned, quantized and
   compensated -- so each pair also corrects what earlier pairs left;
+  the walk then solves every row of ``T`` on all kept channels (Eq. C6) and
+  refits each consumer to the original network's output of it (Eq. C7,
+  :meth:`CalibratedStats.refit`);
+* ``"oracle"``: the sequential statistics with the data-free solver (U1-U4)
+  unchanged -- the reference the data-free statistics are measured against;
 * ``"independent"``: ``a~_K`` is the pair's own compressed channels on the
   *original* network's input of the producer (the kept filters with their
   quantization error in the original input coordinates, Eq. D4, then the
@@ -19,7 +24,7 @@ Eq. C3): after the pools between the activation and the consumers.
 
 Bounded memory and linear work (Eq. C2): the images are streamed in batches
 and only sums of moments are kept per pair (Eq. C1).  Each network (the
-original, and in sequential mode the compressed one) runs every node once:
+original, and in the sequential / oracle modes the compressed one) runs every node once:
 the values a later node still needs -- the *frontier* -- are kept for all
 images (in RAM up to :data:`RAM_BUDGET` bytes, beyond that in temporary
 memory-mapped files), so nothing is recomputed from the input for a later
@@ -41,7 +46,7 @@ from .datamodel import bn_affine
 from .solve import PairStats
 from .sources import StatsRequest, read_value
 
-MODES = ("sequential", "independent")
+MODES = ("sequential", "oracle", "independent")
 
 #: bytes of frontier activations kept in RAM; more go to temporary memory-mapped files
 RAM_BUDGET = 512 * 1024 * 1024
@@ -354,7 +359,7 @@ class CalibratedStats:
     orig : the original model.
     comp : the compressed model being built by ``compress`` (read, never written).
     x : (N, C, H, W) float images (an array or a memory map).
-    mode : ``"sequential"`` or ``"independent"``.
+    mode : ``"sequential"``, ``"oracle"`` or ``"independent"``.
     """
 
     name = "calibration"
@@ -370,7 +375,7 @@ class CalibratedStats:
         self.batch = batch
         self.store = _Store(RAM_BUDGET)
         self.onet = Network(orig, x, batch, self.store, "orig")
-        self.cnet = Network(comp, x, batch, self.store, "comp") if mode == "sequential" else None
+        self.cnet = Network(comp, x, batch, self.store, "comp") if mode != "independent" else None
         self.seconds = 0.0
 
     @property
@@ -388,7 +393,7 @@ class CalibratedStats:
         p = req.pair
         target = read_value(self.orig, p, req.which)
         mom = Moments()
-        if self.mode == "sequential":
+        if self.mode != "independent":
             self.onet.ensure([target])
             self.cnet.ensure([target])
             for s, e in self.onet.batches():
@@ -432,6 +437,54 @@ class CalibratedStats:
             mom.add(a, a)
         return mom.stats(np.arange(mom.ma.shape[0])).cov_q
 
+    @property
+    def refits(self) -> bool:
+        """True in the sequential mode: the walk solves Eq. C6 and refits the
+        consumers (Eq. C7); the other modes only replace the statistics."""
+        return self.mode == "sequential"
+
+    def refit(self, start: str, node: Node, kernel) -> tuple[np.ndarray, np.ndarray] | None:
+        """Eq. C7: the weight ``W`` (O, D) and bias ``b`` (O,) of the consumer
+        ``node`` that best give the original network's output of it from the
+        compressed network's input of it, on the images; None unless
+        :func:`refit_reads` (``start``: the pair's value) and the sequential mode.
+
+        Rows: every image and output position, at most :data:`REFIT_ROWS`
+        in all (the positions of each image drawn without replacement, seed 0,
+        the same positions in both networks).  Not refitted (None) when the
+        input is wider than :data:`REFIT_MAX_DIM` columns (its (D, D) moments
+        are held) or there are fewer than 2 D rows."""
+        if not self.refits or not refit_reads(self.orig, start, node):
+            return None
+        w = self.comp.tensors[self.comp.node(node.name).params["weight"]]
+        dim = int(np.prod(w.shape[1:]))  # D: the consumer's input columns, kept channels x kernel
+        per = int(np.prod(self.orig.shapes[node.output][1:])) if node.op == "conv2d" else 1
+        n_rows = self.n_images * min(per, -(-REFIT_ROWS // self.n_images))
+        if dim > REFIT_MAX_DIM or n_rows < REFIT_ROWS_PER_DIM * dim:  # too wide to hold, or too few rows: W' T stays
+            return None
+        t0 = time.perf_counter()
+        try:
+            src = node.inputs[0]
+            self.onet.ensure([node.output])  # the original's output of the consumer (runs it once, kept)
+            self.cnet.ensure([src])
+            mom = Moments()
+            rng = np.random.default_rng(0)
+            for s, e in self.onet.batches():
+                u = patches(node, np.asarray(self.cnet.read(src, s, e), np.float64), kernel)
+                z = rows(self.onet.read(node.output, s, e))
+                per = u.shape[0] // (e - s)  # output positions per image
+                take = max(1, min(per, -(-REFIT_ROWS // self.n_images)))
+                if take < per:
+                    pick = np.sort(rng.random((e - s, per)).argsort(1)[:, :take], 1)
+                    idx = (np.arange(e - s)[:, None] * per + pick).ravel()
+                    u, z = u[idx], z[idx]
+                mom.add(z, u)
+            self.cnet.collect()
+            self.onet.collect()
+            return refit_solve(mom)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
     def release(self, layer: str) -> None:
         self.onet.unhold()
         self.onet.collect()
@@ -466,3 +519,61 @@ def _embedded_producer(node: Node, wq: np.ndarray, bias, x: np.ndarray) -> np.nd
         a = node.attrs
         return conv2d(x, wq, b, a["stride"], a["padding"], a["dilation"], 1)
     return linear(x.reshape(x.shape[0], -1), wq, b)
+
+
+# ----------------------------------------------------------------- consumer refit (Eq. C7)
+
+#: ops a refitted consumer may read the pair's value through (one input each, no new channels)
+REFIT_PASS = ("max_pool2d", "avg_pool2d", "global_avg_pool", "identity", "flatten", "reshape", "pad")
+#: rows (images x sampled output positions) of the consumer's input the refit accumulates at most
+REFIT_ROWS = 100_000
+#: the refit's relative ridge lambda (Eq. C7)
+REFIT_RIDGE = 1e-3
+#: widest consumer input (D = kept channels x kernel positions) refitted: its (D, D) moments are held
+REFIT_MAX_DIM = 4096
+#: fewest rows per input column a refit needs (fewer: W' T stays)
+REFIT_ROWS_PER_DIM = 2
+
+
+def refit_reads(model: Model, start: str, node: Node) -> bool:
+    """True when ``node`` is a conv with groups = 1 or a linear layer reading
+    the value ``start`` (a pair's value, or its SE gate's global average)
+    through single-input pass ops only (``REFIT_PASS``): its input is then
+    final once the pair is."""
+    if node.op not in ("conv2d", "linear") or (node.op == "conv2d" and node.attrs["groups"] != 1):
+        return False
+    v = node.inputs[0]
+    while v != start:
+        p = model.producer(v)
+        if p is None or p.op not in REFIT_PASS or len(p.inputs) != 1:
+            return False
+        v = p.inputs[0]
+    return True
+
+
+def patches(node: Node, x: np.ndarray, kernel) -> np.ndarray:
+    """The consumer's input rows: (B*Ho*Wo, C*kh*kw) im2col of a conv's input
+    ``x`` (B, C, H, W) in the weight's column order (c, i, j), (B, D) for a
+    linear layer."""
+    if node.op == "linear":
+        return x.reshape(x.shape[0], -1)
+    from .forward import _pad, _windows
+
+    a = node.attrs
+    w = _windows(_pad(x, a["padding"]), kernel, a["stride"], a["dilation"])  # B, C, Ho, Wo, kh, kw
+    b, c, ho, wo, kh, kw = w.shape
+    return w.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
+
+
+def refit_solve(mom: Moments, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. C7 from the moments of the rows (z, u) (``Moments.add(z, u)``):
+    ``W = Cov(z, u) (Cov(u) + lambda diag Cov(u))^-1``, ``b = E z - W E u``;
+    (O, D), (O,); ``lambda`` = ``ridge`` (default :data:`REFIT_RIDGE`)."""
+    from .solve import _solve_psd
+
+    ridge = REFIT_RIDGE if ridge is None else ridge
+    n = max(mom.n, 1)
+    cu = mom.cq / n
+    A = cu + ridge * np.diag(np.diag(cu))
+    W = _solve_psd(A, (mom.cx / n).T).T
+    return W, mom.ma - W @ mom.mq

@@ -253,9 +253,13 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
                    help="unlabeled images (array x, (N, C, H, W) float; other arrays are ignored): the pair "
                         "statistics are measured on them instead of the data model's, and the report shows the "
                         "data model's predicted error next to the measured one for every pair")
-    g.add_argument("--calibration-mode", choices=("sequential", "independent", "audit"), default="sequential",
-                   help="sequential (default): kept channels from the network compressed so far; independent: "
-                        "each pair on the original network; audit: compress data-free, measure on the images")
+    g.add_argument("--calibration-mode", choices=("sequential", "oracle", "independent", "audit"),
+                   default="sequential",
+                   help="sequential (default): kept channels from the network compressed so far, every "
+                        "compensation row fitted on all kept channels and each consumer refitted to the "
+                        "original's output of it; oracle: the same statistics with the data-free solver (the "
+                        "reference for auditing the data model); independent: each pair on the original "
+                        "network; audit: compress data-free, measure on the images")
 
 
 # ------------------------------------------------------------ reading/writing

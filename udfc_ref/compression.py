@@ -32,7 +32,7 @@ from .progress import Progress
 from .quantize import VALID_BITS, quantize
 from .report import LayerReport, Report
 from .rewrite import absorb, keep_outputs, keep_rows, shift_output
-from .solve import drop, neuron_merging, objective, udfc
+from .solve import drop, neuron_merging, objective, udfc, udfc_full
 from .calibrate import MODES as CALIBRATION_MODES
 from .calibrate import CalibratedStats, check_calibration
 from .covselect import select_by_covariance
@@ -122,7 +122,11 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         measured one.  Default None: data-free.
     calibration_mode : ``"sequential"`` (default): the kept channels come from
         the network already compressed upstream, the target is the original's
-        activations; ``"independent"``: each pair on the original network's
+        activations; every row of T is fitted on all kept channels (Eq. C6)
+        and each consumer is refitted to the original's output of it (Eq. C7);
+        ``"oracle"``: the same statistics with the data-free solver (U1-U4),
+        the reference the data-free statistics are audited against;
+        ``"independent"``: each pair on the original network's
         activations; ``"audit"``: compress data-free (the images change
         nothing in the model) and report the measured errors beside it.
     exact : build the data model's covariances in float64 with the Mehler series to 1e-10
@@ -329,6 +333,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
                                 gamma=gamma, beta=beta, extra=extra)
         eps_w = None  # embedded in Wq
         st_gap = None
+        # sequential calibration: Eq. C6 (all rows from all kept channels) and the consumers' refit (Eq. C7)
+        refit = method == "udfc" and isinstance(source, CalibratedStats) and source.refits
+        refitted = []
         if pair.se is not None:
             # Eq. SE1-SE3: the gate's excite rows go with the channels; the squeeze reads the rebuilt
             # pre-gate channels through the GAP (asked for before the gated value, which depends on it)
@@ -338,7 +345,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             _prune_se_gate(out, pair, kept, onode.name, companion)
             finish(pair.se.excite)
             if method == "udfc":
-                _absorb_squeeze(out, orig, pair, kept, *_solved(udfc, onode, st_gap, n_out, alpha1, alpha2), in_kept)
+                Tg = _solved(udfc_full, onode, st_gap, n_out, alpha1) if refit else \
+                    _solved(udfc, onode, st_gap, n_out, alpha1, alpha2)
+                _absorb_squeeze(out, orig, pair, kept, *Tg, in_kept)
                 finish(pair.se.squeeze)
         st = source.stats(req(which="value"))
         st_other = audit.stats(req(which="value")) if audit is not None else None
@@ -351,7 +360,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             raise NumericError(f"layer {onode.name!r}: its statistics under the data model overflow (NaN/Inf): "
                                "the weights or BN statistics are too large for this compression")
         T0, t0_ = drop(st, n_out)
-        if method == "udfc":
+        if refit:  # Eq. C6: measured statistics, every row from all kept channels
+            T, tt = _solved(udfc_full, onode, st, n_out, alpha1)
+        elif method == "udfc":
             T, tt = _solved(udfc, onode, st, n_out, alpha1, alpha2)
         elif method == "nm":
             # on a depthwise chain, merging partners are chosen on the producer filters and BN
@@ -365,7 +376,11 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         _resize_reshapes(out, pair.reshapes, kept.size)
         for c in pair.consumers:
             wc = orig.tensors[c.node.params["weight"]]
-            absorb(out, out.node(c.node.name), T, tt, wc.dtype, fast=not exact)
+            cnode = out.node(c.node.name)
+            b_now = out.param(cnode, "bias")
+            delta = absorb(out, cnode, T, tt, wc.dtype, fast=not exact)
+            if refit and _refit(out, source, pair.value, c.node, b_now, delta):
+                refitted.append(c.node.name)
             check_layer(out, out.node(c.node.name), f"compensating the pruned channels of {onode.name!r}",
                         f"--skip {onode.name} or --method none avoids it")
             in_kept[c.node.name] = kept
@@ -378,6 +393,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             record_layers[onode.name]["depthwise"] = pair.dw.name
         if pair.groups > 1:
             record_layers[onode.name]["groups"] = int(pair.groups)
+        if refitted:
+            record_layers[onode.name]["refit"] = refitted
         if pair.se is not None:
             record_layers[onode.name]["se"] = {"squeeze": pair.se.squeeze.name, "excite": pair.se.excite.name}
         lrep = LayerReport(onode.name, onode.op, n_out, int(kept.size), bits, True, err0, err1,
@@ -527,6 +544,26 @@ def _absorb_squeeze(out: Model, orig: Model, pair, kept, Ta, ta, in_kept) -> Non
     sq = pair.se.squeeze
     absorb(out, out.node(sq.name), Ta, ta, orig.tensors[sq.params["weight"]].dtype)
     in_kept[sq.name] = kept
+
+
+def _refit(out: Model, source: CalibratedStats, start: str, onode, b_now, delta) -> bool:
+    """Eq. C7: replace a consumer's absorbed ``W' T`` and constant by the
+    measured least squares of the original network's output of it on the
+    compressed network's input of it.  ``b_now`` is the consumer's bias
+    before the absorb (None: none), ``delta`` (O,) the constant the absorb
+    added (into the bias or the following BN's mean, ``rewrite.shift_output``).
+    False when the consumer is not refitted (``calibrate.refit_reads``)."""
+    cnode = out.node(onode.name)
+    key = cnode.params["weight"]
+    w = out.tensors[key]
+    fit = source.refit(start, onode, w.shape[2:] if onode.op == "conv2d" else None)
+    if fit is None:
+        return False
+    Wn, b = fit
+    out.tensors[key] = np.ascontiguousarray(Wn.reshape(w.shape), dtype=w.dtype)
+    beta = delta + (0.0 if b_now is None else b_now.astype(np.float64))  # the output's constant now
+    shift_output(out, cnode, b - beta, w.dtype)
+    return True
 
 
 def _quantize_layer(model: Model, node, bits, qkw, quantized, error: bool = True) -> np.ndarray | None:

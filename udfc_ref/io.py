@@ -366,7 +366,7 @@ _RECORD_ENTRY_FIELDS = {
     "layers": {"channels_before": ("an int", _is_int), "channels_after": ("an int", _is_int),
                "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str)),
                "prune_ratio": ("a number", _is_number), "group": ("a string", lambda v: isinstance(v, str)),
-               "groups": ("an int", _is_int),
+               "groups": ("an int", _is_int), "refit": ("a list of layer names", _str_list),
                "se": ("an object {'squeeze': name, 'excite': name}",
                       lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("squeeze", "excite")))},
     "quantized": {"tensor": ("a string", lambda v: isinstance(v, str)), "bits": ("an int", _is_int),

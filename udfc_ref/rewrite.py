@@ -15,13 +15,14 @@ def consumer_columns(model: Model, node: Node, n_channels: int) -> np.ndarray:
     return w.reshape(w.shape[0], n_channels, -1)
 
 
-def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype, fast: bool = False) -> None:
+def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype, fast: bool = False) -> np.ndarray:
     """Eq. R2: W'_new[:, k] = sum_i W'[:, i] T[i, k];  output += sum_i W'[:, i] t_i.
 
     The consumer loses the pruned input columns (physical pruning).  The
     product is float64, or with ``fast`` float32 when the stored ``dtype`` is
     at most 32 bits wide (the result is stored in it anyway; relative
-    difference ~1e-6, docs/derivation.md "Precision")."""
+    difference ~1e-6, docs/derivation.md "Precision").  Returns the output
+    shift ``sum_i W'[:, i] t_i`` (O,) float64."""
     w = model.tensors[node.params["weight"]]
     o, n, m = w.shape[0], T.shape[0], T.shape[1]
     work = np.float32 if fast and np.dtype(dtype).itemsize <= 4 else np.float64
@@ -40,6 +41,7 @@ def absorb(model: Model, node: Node, T: np.ndarray, t: np.ndarray, dtype, fast: 
     model.tensors[node.params["weight"]] = out
     if np.any(delta != 0):
         shift_output(model, node, delta, dtype)
+    return delta
 
 
 def shift_output(model: Model, node: Node, delta: np.ndarray, dtype) -> None:

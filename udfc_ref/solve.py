@@ -181,6 +181,18 @@ def udfc(st: PairStats, n: int, alpha1: float = 0.01, alpha2: float = 0.008) -> 
     return T, t
 
 
+def udfc_full(st: PairStats, n: int, alpha1: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. C6 (sequential calibration): every row of T -- kept channels too --
+    the ridge least squares on all kept channels,
+    (C~ + alpha1 diag C~) T^T = X^T,  t = E[a] - T E[a~_K].
+    With measured statistics a kept channel a_i is not its own compressed
+    copy a~_i (upstream pairs and quantization changed it), so (U1)'s
+    one-coefficient rows leave error that the other kept channels explain."""
+    vq = np.diag(st.cov_q)
+    T = _solve_psd(st.cov_q + alpha1 * np.diag(vq), st.cross.T).T
+    return T, st.mean_a - T @ st.mean_q
+
+
 def _solve_psd(A, B):
     """Solve A S = B for symmetric PSD A (Eq. U4): Cholesky when the factor's
     diagonal says A is well conditioned (ratio^2 < 1e10, a lower bound of
