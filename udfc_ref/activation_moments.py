@@ -156,7 +156,10 @@ def _truncated_moments(ta, tb, k_max):
     pa, pb = _hermite_phi(ta, 0)[0], _hermite_phi(tb, 0)[0]
     fa, fb = _finite(ta), _finite(tb)
     m = np.empty((k_max + 1,) + np.shape(ta))
-    m[0] = ndtr(tb) - ndtr(ta)
+    # Phi(tb) - Phi(ta) = Phi(-ta) - Phi(-tb): take the form without cancellation (an upper tail,
+    # ta > 0, as 1 - 0.99999... would keep only ~7 digits of Phi(-6) ~ 1e-9)
+    up = np.asarray(ta) > 0
+    m[0] = np.where(up, ndtr(-np.asarray(ta)) - ndtr(-np.asarray(tb)), ndtr(tb) - ndtr(ta))
     if k_max >= 1:
         m[1] = pa - pb
     for k in range(2, k_max + 1):
