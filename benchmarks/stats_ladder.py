@@ -50,6 +50,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 from udfc_ref import io
+from udfc_ref.calibrate import rows
 from udfc_ref.datamodel import DataModel, activation_stats
 from udfc_ref.pairs import find_pairs
 from udfc_ref.select import pair_scores, select_kept
@@ -92,8 +93,8 @@ def copula_stats(z: np.ndarray, f, gamma, beta, mu_bn, var_bn, eps) -> tuple[np.
 
 
 def _rows(v: np.ndarray) -> np.ndarray:
-    """(B, C[, H, W]) -> (B*H*W, C)."""
-    return v.transpose(0, *range(2, v.ndim), 1).reshape(-1, v.shape[1]).astype(np.float64)
+    """(B, C[, H, W]) -> (B*H*W, C) in float64 (``calibrate.rows``)."""
+    return rows(v).astype(np.float64)
 
 
 def ladder(name: str, ratio: float, x: np.ndarray, rng: np.random.Generator, rows: int = ROWS,

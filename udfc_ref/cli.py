@@ -247,6 +247,15 @@ def compress_kwargs(a) -> dict:
                 target_bytes=a.target_bytes, bit_choices=a.bit_choices, exact=a.exact)
 
 
+def add_torch_input_options(p: argparse.ArgumentParser) -> None:
+    """--torch-module / --input-shape: a PyTorch state_dict as the input model (see :func:`read_model`)."""
+    g = p.add_argument_group("PyTorch input")
+    g.add_argument("--torch-module", metavar="SPEC",
+                   help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
+    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
+                                                         "(torch.export)")
+
+
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (optional; the default is data-free)")
     g.add_argument("--calibration", metavar="FILE.npz",
@@ -536,11 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", type=_model_output,
                    help="where to write the compressed model (atomically; never the input); the suffix picks "
                         "the format: .safetensors udfc-ref, .keras Keras, .pt2 torch.export program")
-    g = s.add_argument_group("PyTorch input")
-    g.add_argument("--torch-module", metavar="SPEC",
-                   help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
-    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for "
-                                                         "(torch.export)")
+    add_torch_input_options(s)
     add_compress_options(s)
     add_calibration_options(s)
     s.add_argument("--report", metavar="FILE.json", help="also write the report as JSON (atomically)")
@@ -576,10 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(with --torch-module)")
     s.add_argument("output", type=suffix_type((".npz",)),
                    help="where to write the images (.npz with the array x, written atomically)")
-    g = s.add_argument_group("PyTorch input")
-    g.add_argument("--torch-module", metavar="SPEC",
-                   help="the module the input state_dict belongs to: 'package.module:Class' or 'file.py:factory'")
-    g.add_argument("--input-shape", metavar="C,H,W", help="input shape the PyTorch module is captured for")
+    add_torch_input_options(s)
     g = s.add_argument_group("optimisation")
     g.add_argument("--n", type=_checked(int, lambda v: v >= 2, "an integer >= 2"), default=N_IMAGES, metavar="N",
                    help=f"number of images (default {N_IMAGES})")

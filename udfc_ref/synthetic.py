@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibrate import Moments, rows
 from .errors import NumericError, OptionError, UDFCError
 from .graph import Model
 
@@ -59,24 +60,16 @@ def bn_mismatch(model: Model, x: np.ndarray, batch: int = 256) -> list[BNMismatc
     variance of its input over the images ``x`` (all images and positions)
     to its ``running_mean`` / ``running_var``."""
     nodes = bn_nodes(model)
-    acc = {}  # node -> (count, mean, centred sum of squares), merged batch by batch (Chan et al., as Eq. C1)
+    acc = {n.name: Moments() for n in nodes}
     for i in range(0, len(x), batch):
         vals = model.forward(np.asarray(x[i:i + batch], dtype=np.float32), return_values=True)
         for n in nodes:
-            v = np.asarray(vals[n.inputs[0]], dtype=np.float64)
-            v = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
-            cb, mb = v.shape[0], v.mean(0)
-            sb = ((v - mb) ** 2).sum(0)
-            if n.name not in acc:
-                acc[n.name] = (cb, mb, sb)
-                continue
-            ca, ma, sa = acc[n.name]
-            d = mb - ma
-            acc[n.name] = (ca + cb, ma + d * cb / (ca + cb), sa + sb + d * d * ca * cb / (ca + cb))
+            v = rows(vals[n.inputs[0]])
+            acc[n.name].add(v, v[:, :0])  # Eq. C1's streamed moments of ``a`` alone (no ``q`` columns)
     out = []
     for n in nodes:
-        c, mu_hat, m2 = acc[n.name]
-        var_hat = m2 / c
+        m = acc[n.name]
+        mu_hat, var_hat = m.ma, m.va / m.n
         mu = model.tensors[n.params["running_mean"]].astype(np.float64)
         var = model.tensors[n.params["running_var"]].astype(np.float64)
         out.append(BNMismatch(n.name, float(np.linalg.norm(mu_hat - mu) / np.sqrt(max(var.sum(), 1e-300))),
