@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from udfc_ref import GraphError, Model, Node
 
@@ -160,3 +162,27 @@ def test_reshape_and_pad():
         Model({}, [Node("r", "reshape", ["x"], "y", {"shape": [7, -1]})], "x", (4, 5, 6))
     with pytest.raises(GraphError, match="perm"):
         Model({}, [Node("r", "permute", ["x"], "y", {"perm": [1, 0, 2, 3]})], "x", (4, 5, 6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       pad=st.tuples(*[st.integers(0, 2)] * 4), h=st.integers(4, 9), w=st.integers(4, 9), seed=st.integers(0, 99))
+def test_max_pool2d_against_loops(kh, kw, sh, sw, pad, h, w, seed):
+    """max_pool2d against a plain loop over the output positions of the -inf-padded input
+    (the kernel takes the running maximum of strided shifts, not a window reduction)."""
+    from udfc_ref.forward import max_pool2d
+
+    assume(h + pad[0] + pad[1] >= kh and w + pad[2] + pad[3] >= kw)
+    x = np.random.default_rng(seed).normal(size=(2, 3, h, w)).astype(np.float32)
+    x[0, 1, 0, 0] = np.nan  # NaN propagates, as in a reduction
+    xp = np.full((2, 3, h + pad[0] + pad[1], w + pad[2] + pad[3]), -np.inf, np.float32)
+    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + w] = x
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    want = np.empty((2, 3, ho, wo), np.float32)
+    for i in range(ho):
+        for j in range(wo):
+            win = xp[:, :, i * sh: i * sh + kh, j * sw: j * sw + kw].reshape(2, 3, -1)
+            want[:, :, i, j] = np.where(np.isnan(win).any(-1), np.nan, np.max(np.where(np.isnan(win), -np.inf, win), -1))
+    got = max_pool2d(x, (kh, kw), (sh, sw), pad)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

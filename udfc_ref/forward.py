@@ -87,8 +87,20 @@ def linear(x, weight, bias=None):
 
 
 def max_pool2d(x, kernel, stride, padding):
+    """Max over each window, as the running ``np.maximum`` of the ``kh * kw``
+    strided shifts of the padded input (the same values as reducing the window
+    view, without NumPy's slow reduction over two strided axes: 0.19 s of a
+    1.2 s ResNet-50 forward was its one 3x3/2 pool)."""
     xp = _pad(x, padding, value=-np.inf)
-    return _windows(xp, kernel, stride).max(axis=(-2, -1))
+    kh, kw = kernel
+    sh, sw = stride
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            s = xp[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+            out = s.copy() if out is None else np.maximum(out, s, out=out)
+    return out
 
 
 def avg_pool2d(x, kernel, stride, padding, count_include_pad=True):
