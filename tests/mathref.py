@@ -154,3 +154,33 @@ def cov_quad(b1, g1, b2, g2, rho, act):
         kinks += _kinks(b2, g2 * rho, act)
     e = _quad(lambda u: clip(b1 + g1 * u, act) * clipped_mean(b2 + g2 * rho * u, abs(g2) * s, act), kinks)
     return e - m1 * m2
+
+
+def ridge_residual(u, z, cols, ridge):
+    """Eq. S5's objective for the input columns ``cols``, written out: the
+    mean squared residual of the ridge least squares of ``z`` (S, O) on
+    ``u[:, cols]`` with an intercept, penalty ``ridge * Var(u_j)`` on column
+    j's coefficient -- by ``np.linalg.lstsq`` on the rows augmented with
+    ``sqrt(ridge * S * Var(u_j)) e_j`` (no closed form, no partitioned inverse)."""
+    s = u.shape[0]
+    uc = u[:, cols] - u[:, cols].mean(0)
+    zc = z - z.mean(0)
+    d = (uc ** 2).mean(0)
+    au = np.r_[uc, np.diag(np.sqrt(ridge * s * d))]
+    az = np.r_[zc, np.zeros((len(cols), z.shape[1]))]
+    sol = np.linalg.lstsq(au, az, rcond=None)[0]
+    return float(((az - au @ sol) ** 2).sum() / s)
+
+
+def backward_elimination(u, z, n, n_keep, ridge, alive=None):
+    """Eq. S5's selection replayed with :func:`ridge_residual`: from the
+    ``alive`` channels (default all ``n``; channel i owns the contiguous
+    columns ``[i R, (i + 1) R)``), drop the channel whose removal leaves the
+    smallest residual until ``n_keep`` remain (ties: the lower index)."""
+    r = u.shape[1] // n
+    kept = list(range(n)) if alive is None else list(alive)
+    while len(kept) > n_keep:
+        res = [ridge_residual(u, z, [c for i in kept if i != j for c in range(i * r, (i + 1) * r)], ridge)
+               for j in kept]
+        del kept[int(np.argmin(res))]
+    return sorted(kept)

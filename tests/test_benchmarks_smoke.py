@@ -143,3 +143,22 @@ def test_oracle_smoke(tmp_path):
         assert 0 <= got[v]["top1"] <= 1 and got[v]["layers"]
         assert all(lay["measured_after"] >= 0 and lay["predicted_after"] >= 0 for lay in got[v]["layers"])
     assert "vgg_digits" in (tmp_path / "oracle.md").read_text()
+
+
+def test_calib_floor_runs_its_levers_on_the_s4_baseline():
+    """benchmarks/calib_floor.py: every lever runs on the Eq. S4 selection,
+    only the ``s5`` row on the product's Eq. S5; the ridge lever reaches the
+    refit and is restored afterwards; refit-all finds nothing left to refit
+    on vgg_digits (every conv there is a pair's consumer)."""
+    pytest.importorskip("sklearn")
+    import udfc_ref.calibrate as cal
+
+    mod = _script("calib_floor")
+    shipped = cal.CalibratedStats.select_by_output
+    rows = {v: mod.run_variant("vgg_digits", v) for v in ("base", "s5", "ridge-1e-1", "refit-all")}
+    assert rows["base"]["selection"] == ["covariance (Eq. S4)"]
+    assert rows["s5"]["selection"] == ["output (Eq. S5)"]
+    assert rows["ridge-1e-1"]["selection"] == ["covariance (Eq. S4)"] and cal.REFIT_RIDGE == 1e-3
+    assert rows["ridge-1e-1"]["top1"] != rows["base"]["top1"]
+    assert rows["refit-all"]["refitted"] == [] and rows["refit-all"]["top1"] == rows["base"]["top1"]
+    assert cal.CalibratedStats.select_by_output is shipped and all(0 < r["top1"] <= 1 for r in rows.values())

@@ -469,3 +469,26 @@ def test_refit_rows_are_sampled_in_both_networks_alike(monkeypatch):
     monkeypatch.setattr(cal, "REFIT_ROWS", 200 * 20)  # 20 of 64 positions per image
     sampled, _, _ = fit_error()
     assert best < sampled <= 1.05 * best
+
+
+def test_cov_selection_with_the_refit_is_by_the_consumers_output():
+    """Eq. S5 in the walk: in the sequential mode with criterion "cov", a pair
+    whose one consumer is refitted keeps the channels chosen by backward
+    elimination of the ridge least squares of the original consumer's output
+    on its input (tests/mathref.py, from torch-unfolded patches of the
+    original network's values, not the walk's rows); the record says which
+    equation chose.  The oracle mode and the data-free path keep Eq. S4."""
+    from mathref import backward_elimination
+
+    model = vgg(seed=23)
+    x = _images(model, n=100, seed=6)
+    ref = model.forward(x, return_values=True)
+    small, _ = udfc_ref.compress(model, prune_ratio=0.5, criterion="cov", calibration=x, skip=["c0", "c2"])
+    rec = small.record["layers"]["c1"]
+    assert rec["selection"] == "output (Eq. S5)"
+    want = backward_elimination(_unfold(ref["a1"]), _rows(ref["c2"]), 16, 8, cal.REFIT_RIDGE)
+    assert rec["kept"] == want
+    for kw in (dict(calibration=x, calibration_mode="oracle"), {}):
+        other, _ = udfc_ref.compress(model, prune_ratio=0.5, criterion="cov", skip=["c0", "c2"], **kw)
+        assert other.record["layers"]["c1"]["selection"] == "covariance (Eq. S4)"
+        assert other.record["layers"]["c1"]["kept"] != want  # here S4 keeps another set

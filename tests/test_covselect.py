@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import udfc_ref
-from udfc_ref.covselect import select_by_covariance
+from udfc_ref.covselect import select_by_covariance, select_by_output
 
 from helpers import vgg
 
@@ -74,3 +74,92 @@ def test_cov_criterion_keeps_one_of_two_duplicate_channels_and_is_exact():
     assert set(range(8)) - set(kept) in ({2}, {6})
     x = np.random.default_rng(1).standard_normal((6,) + model.input_shape).astype(np.float32)
     np.testing.assert_allclose(small.forward(x), model.forward(x), rtol=1e-4, atol=1e-4)
+
+
+def _s5_problem(seed, n=6, r=4, o=5, s=400):
+    """Rows u (S, n*r) of n channel blocks, channels 3 and 4 near-copies of 0
+    and 1, and a consumer output z that reads all of them."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((s, n * r)) @ np.diag(rng.uniform(0.5, 2, n * r))
+    u[:, 3 * r:4 * r] = u[:, 0:r] + 0.1 * rng.standard_normal((s, r))
+    u[:, 4 * r:5 * r] = u[:, r:2 * r] + 0.3 * rng.standard_normal((s, r))
+    z = u @ rng.standard_normal((n * r, o)) + 0.5 * rng.standard_normal((s, o)) + 3.0
+    return u, z
+
+
+def _moments(u, z):
+    uc, zc = u - u.mean(0), z - z.mean(0)
+    return uc.T @ uc / len(u), uc.T @ zc / len(u)
+
+
+def test_output_selection_is_the_backward_elimination_of_the_ridge_least_squares():
+    """Eq. S5 against its written-out objective (tests/mathref.py: np.linalg.lstsq
+    on ridge-augmented rows, each candidate refitted from scratch): the same
+    channels are kept at every count, for ridges of 0, 1e-3 and 0.3 (a large
+    ridge changes the choice); the two channels dropped at 4 of 6 are one of
+    each near-copy pair."""
+    from mathref import backward_elimination
+
+    u, z = _s5_problem(3)
+    cuu, cuz = _moments(u, z)
+    for ridge in (0.0, 1e-3):
+        for n_keep in (5, 4, 3, 1):
+            got = select_by_output(cuu, cuz, 6, n_keep, ridge)
+            assert list(got) == backward_elimination(u, z, 6, n_keep, ridge), (ridge, n_keep)
+    kept = set(select_by_output(cuu, cuz, 6, 4, 1e-3))  # one of each near-copy pair goes
+    assert {2, 5} <= kept and len(kept & {0, 3}) == 1 and len(kept & {1, 4}) == 1
+    # many steps on correlated channels: every downdate of P and B is used by a later step
+    rng = np.random.default_rng(8)
+    n, r = 12, 3
+    mix = rng.standard_normal((n * r, n * r)) * (rng.random((n * r, n * r)) < 0.3)
+    u = rng.standard_normal((300, n * r)) @ (np.eye(n * r) + mix)
+    z = u @ rng.standard_normal((n * r, 4)) * rng.uniform(0, 2, 4) + rng.standard_normal((300, 4))
+    cuu, cuz = _moments(u, z)
+    chosen = {}
+    for ridge in (0.0, 0.3):
+        for n_keep in (9, 5, 2):
+            got = list(select_by_output(cuu, cuz, n, n_keep, ridge))
+            assert got == backward_elimination(u, z, n, n_keep, ridge), (ridge, n_keep)
+            chosen[ridge, n_keep] = got
+    assert any(chosen[0.0, k] != chosen[0.3, k] for k in (9, 5, 2))
+
+
+def test_output_selection_ignores_padding_columns_and_prunes_dead_channels_first():
+    """A column with no variance (a kernel position that only reads padding)
+    neither breaks the solve nor changes the choice; a dead channel
+    (gamma = 0) is pruned before any live one, and fills the set by its S1
+    score only when too few channels are alive."""
+    from mathref import backward_elimination
+
+    u, z = _s5_problem(4)
+    u[:, 2 * 4 + 1] = 0.0  # channel 2's second column: padding only
+    cuu, cuz = _moments(u, z)
+    got = select_by_output(cuu, cuz, 6, 3, 1e-3)
+    assert np.isfinite(cuu).all() and list(got) == backward_elimination(u, z, 6, 3, 1e-3)
+    gamma = np.ones(6)
+    gamma[[2, 5]] = 0.0
+    got = select_by_output(cuu, cuz, 6, 3, 1e-3, gamma=gamma)
+    assert list(got) == backward_elimination(u, z, 6, 3, 1e-3, alive=[0, 1, 3, 4])
+    scores = np.array([1.0, 1, 1, 1, 1, 2])  # the dead channel 5 scores above the dead channel 2
+    gamma[[0, 1, 3]] = 0.0
+    assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma, scores=scores)) == [4, 5]
+
+
+def test_output_selection_rejects_columns_that_are_not_channel_blocks():
+    import pytest
+
+    cuu, cuz = _moments(*_s5_problem(5))
+    with pytest.raises(ValueError, match="not 5 channel blocks"):
+        select_by_output(cuu, cuz, 5, 2, 1e-3)
+
+
+def test_output_selection_drops_an_exact_duplicate_first_without_ridge():
+    """Exactly collinear blocks (channel 4 a copy of channel 1) and ridge 0:
+    Cov(u) is singular, the selection still runs and the first channel it
+    drops is one of the two copies (the other carries all they share)."""
+    u, z = _s5_problem(6)
+    u[:, 16:20] = u[:, 4:8]
+    cuu, cuz = _moments(u, z)
+    assert np.linalg.matrix_rank(cuu) < cuu.shape[0]
+    kept = set(select_by_output(cuu, cuz, 6, 5, 0.0))
+    assert len(kept) == 5 and len(kept & {1, 4}) == 1

@@ -42,6 +42,7 @@ import numpy as np
 from .errors import OptionError
 from .forward import conv2d, linear, run_node
 from .graph import Model, Node
+from .covselect import select_by_output
 from .datamodel import bn_affine
 from .solve import PairStats
 from .sources import StatsRequest, read_value
@@ -457,31 +458,76 @@ class CalibratedStats:
         if not self.refits or not refit_reads(self.orig, start, node):
             return None
         w = self.comp.tensors[self.comp.node(node.name).params["weight"]]
-        dim = int(np.prod(w.shape[1:]))  # D: the consumer's input columns, kept channels x kernel
-        per = int(np.prod(self.orig.shapes[node.output][1:])) if node.op == "conv2d" else 1
-        n_rows = self.n_images * min(per, -(-REFIT_ROWS // self.n_images))
-        if dim > REFIT_MAX_DIM or n_rows < REFIT_ROWS_PER_DIM * dim:  # too wide to hold, or too few rows: W' T stays
+        if not self._fits(node, int(np.prod(w.shape[1:]))):  # too wide to hold, or too few rows: W' T stays
             return None
         t0 = time.perf_counter()
         try:
-            src = node.inputs[0]
-            self.onet.ensure([node.output])  # the original's output of the consumer (runs it once, kept)
-            self.cnet.ensure([src])
-            mom = Moments()
-            rng = np.random.default_rng(0)
-            for s, e in self.onet.batches():
-                u = patches(node, np.asarray(self.cnet.read(src, s, e), np.float64), kernel)
-                z = rows(self.onet.read(node.output, s, e))
-                per = u.shape[0] // (e - s)  # output positions per image
-                take = max(1, min(per, -(-REFIT_ROWS // self.n_images)))
-                if take < per:
-                    pick = np.sort(rng.random((e - s, per)).argsort(1)[:, :take], 1)
-                    idx = (np.arange(e - s)[:, None] * per + pick).ravel()
-                    u, z = u[idx], z[idx]
-                mom.add(z, u)
-            self.cnet.collect()
-            self.onet.collect()
+            mom = self._consumer_moments(node, kernel, self.cnet)
             return refit_solve(mom)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _fits(self, node: Node, dim: int) -> bool:
+        """True when Eq. C7 (and S5) can fit the consumer ``node`` with ``dim``
+        input columns: at most :data:`REFIT_MAX_DIM` of them (the (D, D)
+        moments are held) and at least :data:`REFIT_ROWS_PER_DIM` rows each."""
+        per = int(np.prod(self.orig.shapes[node.output][1:])) if node.op == "conv2d" else 1
+        n_rows = self.n_images * min(per, -(-REFIT_ROWS // self.n_images))
+        return dim <= REFIT_MAX_DIM and n_rows >= REFIT_ROWS_PER_DIM * dim
+
+    def _consumer_moments(self, node: Node, kernel, unet: "Network") -> Moments:
+        """The moments (Eq. C1) of the rows ``(z, u)`` of Eq. C7: ``u`` the
+        consumer's input (``patches``) in ``unet``, ``z`` the original network's
+        output of the consumer at the same positions; every image, at most
+        :data:`REFIT_ROWS` rows in all (the positions of each image drawn
+        without replacement, seed 0: the same positions on every call)."""
+        src = node.inputs[0]
+        # the original's output of the consumer (runs it once, kept), with its input when both come from it
+        self.onet.ensure([node.output] + ([src] if unet is self.onet else []))
+        unet.ensure([src])
+        mom = Moments()
+        rng = np.random.default_rng(0)
+        for s, e in self.onet.batches():
+            u = patches(node, np.asarray(unet.read(src, s, e), np.float64), kernel)
+            z = rows(self.onet.read(node.output, s, e))
+            per = u.shape[0] // (e - s)  # output positions per image
+            take = max(1, min(per, -(-REFIT_ROWS // self.n_images)))
+            if take < per:
+                pick = np.sort(rng.random((e - s, per)).argsort(1)[:, :take], 1)
+                idx = (np.arange(e - s)[:, None] * per + pick).ravel()
+                u, z = u[idx], z[idx]
+            mom.add(z, u)
+        unet.collect()
+        self.onet.collect()
+        return mom
+
+    def select_by_output(self, pair, n_keep: int, gamma=None, scores=None) -> np.ndarray | None:
+        """Eq. S5 in the sequential mode: the ``n_keep`` channels of ``pair``
+        kept by :func:`covselect.select_by_output` on the rows of Eq. C7 of the
+        pair's one consumer, with Eq. C7's ridge; both ``u`` and ``z`` are read
+        in the *original* network (as Eq. S4 reads the original's ``Cov(a)``;
+        the refit then reads the compressed one).  None -- Eq. S4 selects --
+        unless the pair has exactly one consumer, it is refitted
+        (:func:`refit_reads`, :meth:`_fits`) and its input columns are one
+        block per channel."""
+        if not self.refits or len(pair.consumers) != 1:
+            return None
+        node = pair.consumers[0].node
+        if not refit_reads(self.orig, pair.value, node):
+            return None
+        w = self.orig.tensors[node.params["weight"]]
+        n = int(self.orig.shapes[pair.value][0])  # the pair's channels (shapes hold no batch axis)
+        dim = int(np.prod(w.shape[1:]))
+        if dim % n or not self._fits(node, dim):
+            return None
+        t0 = time.perf_counter()
+        try:
+            keep = [read_value(self.orig, pair, "value")] + ([read_value(self.orig, pair, "gap")] if pair.se else [])
+            self.onet.ensure(keep)
+            self.onet.hold(keep + [node.output])  # read again by the pair's statistics requests and its refit
+            mom = self._consumer_moments(node, w.shape[2:] if node.op == "conv2d" else None, self.onet)
+            s = max(mom.n, 1)
+            return select_by_output(mom.cq / s, mom.cx.T / s, n, n_keep, REFIT_RIDGE, gamma=gamma, scores=scores)
         finally:
             self.seconds += time.perf_counter() - t0
 

@@ -203,7 +203,9 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
                    help="compensation: udfc (closed form, default), nm (Neuron Merging), none (drop/round only)")
     g.add_argument("--criterion", choices=("l1", "l2", "l1-bn", "l2-bn", "cov"), default="l1",
                    help="channel selection: filter L1/L2 norm, optionally times |gamma|/sigma of the BN, or cov: "
-                        "keep the channels the others are best rebuilt from, under the statistics (default l1)")
+                        "keep the channels the others are best rebuilt from, under the statistics; with "
+                        "--calibration (sequential mode) those whose consumer input best gives the original "
+                        "consumer's output (default l1)")
     g.add_argument("--per-tensor", action="store_true", help="one quantization scale per tensor (default per channel)")
     g.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization (default symmetric)")
     g.add_argument("--mse-clip", action="store_true", help="search the clipping range minimising the weight MSE")

@@ -99,7 +99,9 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
     weight_bits : 2..8 or 16, or None for no quantization; ``"auto"`` (with
         ``target_bytes``): each layer's bits chosen from ``bit_choices``.
     method : ``"none"`` (drop / round), ``"nm"`` (Neuron Merging) or ``"udfc"``.
-    criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma.
+    criterion : ``"l1"``/``"l2"`` filter norm, ``"l1-bn"``/``"l2-bn"`` scaled by |gamma|/sigma;
+        ``"cov"``: the channels the others are best rebuilt from (Eq. S4), with calibration images
+        in the sequential mode those whose consumer input best gives the original consumer's output (Eq. S5).
     per_tensor, asymmetric, mse_clip : quantizer options (``quantize.py``).
     alpha1, alpha2 : UDFC regularisation weights (Eq. U0-U2).
     bias_correction : remove each quantized layer's expected output shift (Eq. B1).
@@ -300,11 +302,19 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
         gamma, beta, mu, sigma = bn_affine(orig, pair.bn)
         kept = unit_of[pair.name].kept(ratio_of[pair.name])
         weights = sum(_coupled.column_energy(orig, c.node, n_out) for c in pair.consumers)  # w_i of Eq. E2
+        selection = None  # which of Eq. S4 / S5 chose the kept set (criterion "cov")
         if criterion == "cov" and pair.groups == 1 and kept.size < n_out:
-            # Eq. S4: as many channels, those the others are best rebuilt from
-            cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
-            kept = select_by_covariance(cov, weights, n_keep=kept.size, gamma=gamma,
-                                        scores=unit_of[pair.name].scores)
+            # as many channels: with the sequential mode's refit, those whose consumer input best gives
+            # the original consumer's output (Eq. S5); else those the others are best rebuilt from (Eq. S4)
+            by_output = source.select_by_output(pair, kept.size, gamma=gamma, scores=unit_of[pair.name].scores) \
+                if isinstance(source, CalibratedStats) else None
+            if by_output is not None:
+                kept, selection = by_output, "output (Eq. S5)"
+            else:
+                cov = (source if calibration is not None and calibration_mode != "audit" else plain).selection_cov(pair)
+                kept = select_by_covariance(cov, weights, n_keep=kept.size, gamma=gamma,
+                                            scores=unit_of[pair.name].scores)
+                selection = "covariance (Eq. S4)"
         t = tick("select", t)
         bn_node = out.node(pair.bn.name)
         keep_outputs(out, node, bn_node, kept)
@@ -393,6 +403,8 @@ def compress(model: Model, prune_ratio: float = 0.0, weight_bits: int | None = N
             record_layers[onode.name]["depthwise"] = pair.dw.name
         if pair.groups > 1:
             record_layers[onode.name]["groups"] = int(pair.groups)
+        if selection is not None:
+            record_layers[onode.name]["selection"] = selection
         if refitted:
             record_layers[onode.name]["refit"] = refitted
         if pair.se is not None:

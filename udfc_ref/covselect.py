@@ -1,5 +1,8 @@
-"""Channel selection by reconstruction (derivation Eq. S4): keep the channels
-from which the pruned ones are best rebuilt.
+"""Channel selection by reconstruction (derivation Eq. S4, S5): keep the
+channels from which the pruned ones are best rebuilt (S4), or -- with
+calibration images and the consumer's refit (Eq. C7) -- those whose consumer
+input best gives the original consumer's output (S5,
+:func:`select_by_output`).
 
 The compensation rebuilds every pruned channel by least squares from the
 kept ones (Eq. U2), so the error it leaves depends on *which* channels are
@@ -19,6 +22,7 @@ residual covariance (Schur complement), ``O(N^2)``; ``O(N^2 M)`` in all.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 from .select import DEAD_GAMMA
 
@@ -79,3 +83,97 @@ def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float = 0.
         extra = [i for i in order if not chosen[i]][: n_keep - len(kept)]
         kept += list(extra)
     return np.sort(np.asarray(kept, dtype=np.int64))
+
+
+def select_by_output(cov_u: np.ndarray, cov_uz: np.ndarray, n_channels: int, n_keep: int, ridge: float,
+                     gamma=None, scores=None) -> np.ndarray:
+    """Indices (sorted) of the channels kept, Eq. S5: the set whose consumer
+    input best gives the original consumer's output, by the ridge least
+    squares the consumer is then refitted with (Eq. C7).
+
+    Parameters
+    ----------
+    cov_u : (D, D) ``Cov(u)`` of the consumer's input rows (im2col patches or
+        flattened values); its columns are ``n_channels`` contiguous blocks of
+        ``R = D / n_channels`` columns, one block per channel of the pair.
+    cov_uz : (D, O) ``Cov(u, z)`` with the original consumer's output ``z``.
+    n_keep : channels kept (the pair's own count).
+    ridge : ``lambda`` of Eq. C7: ``A = Cov(u) + lambda diag Cov(u)``.
+    gamma, scores : dead channels (|gamma| <= 1e-12) are pruned first; when
+        fewer than ``n_keep`` channels are alive, the dead ones with the highest
+        ``scores`` (Eq. S1) fill the set.
+
+    Backward elimination: starting from all live channels, the block ``b``
+    whose removal raises ``E(K) = tr Cov(z) - tr(C_K^T A_KK^-1 C_K)`` least
+    is removed, until ``n_keep`` remain.  With ``P = A_KK^-1`` and the
+    current coefficients ``B = P C_K`` the rise is ``tr(B_b^T P_bb^-1 B_b)``
+    for every candidate at once (one batched ``R x R`` solve), and removing
+    ``b`` downdates ``P <- P_oo - P_ob P_bb^-1 P_bo``, ``B <- B_o - P_ob P_bb^-1 B_b``
+    (the partitioned inverse): ``O(D^2 R)`` a step.  Columns with no variance
+    (a kernel position that only ever reads padding) carry no information:
+    they are given ``A_jj = 1`` and no correlation, so they never change E.
+    Exactly collinear columns (a duplicated channel, with ``ridge = 0``) make
+    ``A`` singular: :func:`_inv_pd` then adds the smallest jitter
+    (``1e-12`` of the mean diagonal, raised 100-fold at a time) with which
+    its Cholesky factor exists; a duplicate's rise is then ~0 and it goes
+    first.
+    """
+    n = int(n_channels)
+    D = cov_u.shape[0]
+    if D % n:
+        raise ValueError(f"Eq. S5: {D} input columns are not {n} channel blocks")
+    R = D // n
+    scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
+    dead = np.zeros(n, bool) if gamma is None else (np.abs(np.asarray(gamma)) <= DEAD_GAMMA)
+    alive = np.flatnonzero(~dead)
+    if alive.size <= n_keep:  # every live channel is kept; the best-scored dead ones fill the set
+        fill = [i for i in np.lexsort((np.arange(n), -scores)) if dead[i]][: n_keep - alive.size]
+        return np.sort(np.concatenate([alive, np.asarray(fill, dtype=np.int64)]).astype(np.int64))
+    A = np.array(cov_u, dtype=np.float64, copy=True)
+    A = (A + A.T) / 2
+    C = np.array(cov_uz, dtype=np.float64, copy=True)
+    d = np.diag(A).copy()
+    flat = d <= 1e-12 * max(float(d.max()), 0.0) if D else np.zeros(0, bool)
+    A[flat, :] = 0.0
+    A[:, flat] = 0.0
+    C[flat] = 0.0
+    A[np.diag_indices(D)] = np.where(flat, 1.0, d * (1.0 + ridge))
+    cols = (alive[:, None] * R + np.arange(R)).ravel()
+    P = _inv_pd(A[np.ix_(cols, cols)])
+    B = P @ C[cols]
+    K = list(alive)
+    while len(K) > n_keep:
+        k = len(K)
+        idx = np.arange(k)
+        Pbb = P.reshape(k, R, k, R)[idx, :, idx, :]  # (k, R, R): the diagonal blocks
+        Bb = B.reshape(k, R, -1)
+        S = np.linalg.solve(Pbb, Bb)  # P_bb^-1 B_b for every block
+        rise = np.einsum("kro,kro->k", Bb, S)
+        b = int(np.argmin(rise))
+        other = np.delete(np.arange(k * R), np.arange(b * R, (b + 1) * R))
+        Pob = P[other, b * R:(b + 1) * R]
+        P = P[np.ix_(other, other)] - Pob @ np.linalg.solve(Pbb[b], Pob.T)
+        P = (P + P.T) / 2
+        B = B[other] - Pob @ S[b]
+        del K[b]
+    return np.sort(np.asarray(K, dtype=np.int64))
+
+
+def _inv_pd(A: np.ndarray) -> np.ndarray:
+    """``A^-1`` of a symmetric positive semi-definite ``A`` by its Cholesky
+    factor; when ``A`` is singular, of ``A + delta I`` with the smallest
+    ``delta`` in ``1e-12, 1e-10, ...`` (times the mean diagonal) that factors."""
+    n = A.shape[0]
+    scale = float(np.mean(np.diag(A))) if n else 1.0
+    scale = scale if scale > 0 else 1.0
+    delta = 0.0
+    while True:
+        try:
+            L = np.linalg.cholesky(A + delta * np.eye(n) if delta else A)
+            break
+        except np.linalg.LinAlgError:
+            delta = 1e-12 * scale if delta == 0.0 else delta * 100
+            if delta > scale:
+                raise
+    Li = solve_triangular(L, np.eye(n), lower=True)
+    return Li.T @ Li
