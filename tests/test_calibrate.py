@@ -492,3 +492,17 @@ def test_cov_selection_with_the_refit_is_by_the_consumers_output():
         other, _ = udfc_ref.compress(model, prune_ratio=0.5, criterion="cov", skip=["c0", "c2"], **kw)
         assert other.record["layers"]["c1"]["selection"] == "covariance (Eq. S4)"
         assert other.record["layers"]["c1"]["kept"] != want  # here S4 keeps another set
+
+
+def test_cov_selection_on_images_the_network_overflows_on_names_the_layer():
+    """Images that are finite but make the original network overflow: Eq. S5
+    stops with a NumericError naming the consumer and the pair, nothing raw."""
+    from udfc_ref.errors import NumericError
+
+    model = vgg(seed=24)
+    for c in ("c1", "c2"):  # c1's output ~1e30 (its BN keeps the scale), c2's overflows float32
+        model.tensors[f"{c}.weight"] = model.tensors[f"{c}.weight"] * np.float32(1e30)
+    x = _images(model, n=40, seed=2)
+    assert not np.isfinite(model.forward(x, return_values=True)["c2"]).all()
+    with pytest.raises(NumericError, match=r"'c2'.*not finite.*'c1', Eq. S5"):
+        udfc_ref.compress(model, prune_ratio=0.5, criterion="cov", calibration=x)

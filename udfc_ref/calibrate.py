@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import NumericError, OptionError
 from .forward import conv2d, linear, run_node
 from .graph import Model, Node
 from .covselect import select_by_output
@@ -526,6 +526,10 @@ class CalibratedStats:
             self.onet.ensure(keep)
             self.onet.hold(keep + [node.output])  # read again by the pair's statistics requests and its refit
             mom = self._consumer_moments(node, w.shape[2:] if node.op == "conv2d" else None, self.onet)
+            if not (np.isfinite(mom.cq).all() and np.isfinite(mom.cx).all()):
+                raise NumericError(f"calibration: the moments of {node.name!r}'s input and output on the images "
+                                   f"are not finite (selecting the channels of {pair.name!r}, Eq. S5): the original "
+                                   f"network overflows on these images")
             s = max(mom.n, 1)
             return select_by_output(mom.cq / s, mom.cx.T / s, n, n_keep, REFIT_RIDGE, gamma=gamma, scores=scores)
         finally:
