@@ -785,6 +785,7 @@ def test_unused_tensors_of_a_failing_file_give_no_warning(tmp_path):
     ({"layers": {"c0": {"channels_after": 2.5}}}, ["'channels_after'"]),
     ({"layers": {"c0": {"groups": "2"}}}, ["layers['c0']['groups']", "an int"]),
     ({"layers": {"c0": {"se": "gate"}}}, ["layers['c0']['se']", "squeeze"]),
+    ({"layers": {"c0": {"selection": 5}}}, ["layers['c0']['selection']", "a string"]),
     ({"layers": {"c0": {"se": {"squeeze": "s"}}}}, ["layers['c0']['se']", "excite"]),
     ({"quantized": []}, ["'quantized'"]),
     ({"quantized": {"c0": {"bits": "4"}}}, ["quantized['c0']['bits']"]),

@@ -367,6 +367,7 @@ _RECORD_ENTRY_FIELDS = {
                "kept": ("a list of ints", _int_list), "depthwise": ("a string", lambda v: isinstance(v, str)),
                "prune_ratio": ("a number", _is_number), "group": ("a string", lambda v: isinstance(v, str)),
                "groups": ("an int", _is_int), "refit": ("a list of layer names", _str_list),
+               "selection": ("a string", lambda v: isinstance(v, str)),
                "se": ("an object {'squeeze': name, 'excite': name}",
                       lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("squeeze", "excite")))},
     "quantized": {"tensor": ("a string", lambda v: isinstance(v, str)), "bits": ("an int", _is_int),
