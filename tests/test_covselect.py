@@ -126,23 +126,31 @@ def test_output_selection_is_the_backward_elimination_of_the_ridge_least_squares
 
 def test_output_selection_ignores_padding_columns_and_prunes_dead_channels_first():
     """A column with no variance (a kernel position that only reads padding)
-    neither breaks the solve nor changes the choice; a dead channel
-    (gamma = 0) is pruned before any live one, and fills the set by its S1
-    score only when too few channels are alive."""
+    neither breaks the solve nor changes the choice -- also when it belongs
+    to a channel that goes; a dead channel (|gamma| <= 1e-12, the bound
+    included) is pruned before any live one, and fills the set by its S1
+    score (by index without scores) only when too few channels are alive."""
     from mathref import backward_elimination
 
+    from udfc_ref.select import DEAD_GAMMA
+
     u, z = _s5_problem(4)
-    u[:, 2 * 4 + 1] = 0.0  # channel 2's second column: padding only
+    first_out = (set(range(6)) - set(backward_elimination(u, z, 6, 5, 1e-3))).pop()
+    for ch in (2, first_out):  # a padding column in a kept channel, and in the first channel to go
+        up = u.copy()
+        up[:, ch * 4 + 1] = 0.0
+        cuu, cuz = _moments(up, z)
+        got = select_by_output(cuu, cuz, 6, 3, 1e-3)
+        assert list(got) == backward_elimination(up, z, 6, 3, 1e-3), ch
     cuu, cuz = _moments(u, z)
-    got = select_by_output(cuu, cuz, 6, 3, 1e-3)
-    assert np.isfinite(cuu).all() and list(got) == backward_elimination(u, z, 6, 3, 1e-3)
     gamma = np.ones(6)
-    gamma[[2, 5]] = 0.0
+    gamma[2], gamma[5] = 0.0, DEAD_GAMMA
     got = select_by_output(cuu, cuz, 6, 3, 1e-3, gamma=gamma)
     assert list(got) == backward_elimination(u, z, 6, 3, 1e-3, alive=[0, 1, 3, 4])
     scores = np.array([1.0, 1, 1, 1, 1, 2])  # the dead channel 5 scores above the dead channel 2
     gamma[[0, 1, 3]] = 0.0
     assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma, scores=scores)) == [4, 5]
+    assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma)) == [0, 4]  # no scores: the lower index
 
 
 def test_output_selection_rejects_columns_that_are_not_channel_blocks():
