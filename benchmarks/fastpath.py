@@ -121,8 +121,9 @@ def main(argv=None):
                   f"{d_after:.1e} | {t1} | {tf:.2f} | {te:.2f} |", flush=True)
             rows.append(row)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from udfc_ref.atomic import write_bytes_atomic
+
+        write_bytes_atomic(a.json, json.dumps(rows, indent=1).encode())
     return rows
 
 

@@ -109,8 +109,9 @@ def main(argv=None):
           + f" multiply-adds; float32 GEMM {rate / 1e9:.1f} G multiply-adds per CPU second "
           f"({a.threads} thread(s)) -> GEMM floor {total / rate:.2f} CPU s; compress (in process) {cpu:.2f} CPU s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from udfc_ref.atomic import write_bytes_atomic
+
+        write_bytes_atomic(a.json, json.dumps(res, indent=2).encode())
     return res
 
 

@@ -409,8 +409,9 @@ def _top1(cells, out):
             rows.append({"model": name, "ratio": r, "bits": b, "bc": bc, "top1": t})
             print(f"| {name} | {r} | {b or 'float'} | {'on' if bc else 'off'} | {100 * t:.1f} |", flush=True)
     if out:
-        with open(out, "w") as f:
-            json.dump(rows, f, indent=1)
+        from udfc_ref.atomic import write_bytes_atomic
+
+        write_bytes_atomic(out, json.dumps(rows, indent=1).encode())
     print()
 
 

@@ -214,18 +214,13 @@ def main(argv=None):
                MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = {"threads": a.threads, "repeat": a.repeat, "width": [], "depth": []}
     with tempfile.TemporaryDirectory(prefix="udfc-scaling-") as tmp:
-        for c in a.widths:
-            r = measure(wide(c), tmp, a.repeat, env)
-            r["width"] = c
-            res["width"].append(r)
-            print(f"width {c}: compress {r['compress']['wall']:.2f} s, floor {r['floor']['wall']:.2f} s, "
-                  f"peak {r['compress']['peak_mib']:.0f} MiB", flush=True)
-        for d in a.depths:
-            r = measure(deep(d), tmp, a.repeat, env)
-            r["depth"] = d
-            res["depth"].append(r)
-            print(f"depth {d}: compress {r['compress']['wall']:.2f} s, floor {r['floor']['wall']:.2f} s, "
-                  f"peak {r['compress']['peak_mib']:.0f} MiB", flush=True)
+        for kind, values, build in (("width", a.widths, wide), ("depth", a.depths, deep)):
+            for v in values:
+                r = measure(build(v), tmp, a.repeat, env)
+                r[kind] = v
+                res[kind].append(r)
+                print(f"{kind} {v}: compress {r['compress']['wall']:.2f} s, floor {r['floor']['wall']:.2f} s, "
+                      f"peak {r['compress']['peak_mib']:.0f} MiB", flush=True)
     for kind in ("width", "depth"):
         rows = res[kind]
         xs = [r[kind] for r in rows]
@@ -243,8 +238,9 @@ def main(argv=None):
         print(f"\nexponents vs {kind} (log-log slope, upper half): " +
               ", ".join(f"{k} {v:.2f}" for k, v in res[f"{kind}_exponents"].items()))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from udfc_ref.atomic import write_bytes_atomic
+
+        write_bytes_atomic(a.json, json.dumps(res, indent=2).encode())
     return res
 
 

@@ -143,8 +143,9 @@ def main(argv=None):
     if not a.no_forward:
         forward(model, res, a, batch, hw)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        from udfc_ref.atomic import write_bytes_atomic
+
+        write_bytes_atomic(a.json, json.dumps(res, indent=2).encode())
     return res
 
 

@@ -30,6 +30,10 @@ import sys
 from collections import Counter, defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", None: "not run", 33: "no test", 5: "no test",
           -24: "timeout", 24: "timeout", 36: "timeout", 152: "timeout", 255: "timeout", 37: "type check"}
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
     carried = frozenset(open(a.carried).read().split()) if a.carried else frozenset()
     rows, counts = collect(carried=carried)
     if a.json:
-        json.dump(rows, open(a.json, "w"), indent=1, ensure_ascii=False)
+        write_bytes_atomic(a.json, json.dumps(rows, indent=1, ensure_ascii=False).encode())
     if a.unexplained:
         for r in rows:
             if r["category"] == UNEXPLAINED and not r["status"].startswith("not run"):
@@ -224,8 +228,7 @@ def main(argv=None) -> int:
             return 1
         head, rest = doc.split(b, 1)
         tail = rest.split(e, 1)[1]
-        with open(a.write, "w") as f:
-            f.write(head + b + "\n" + text + "\n" + e + tail)
+        write_bytes_atomic(a.write, (head + b + "\n" + text + "\n" + e + tail).encode())
     else:
         print(text)
     return 0
