@@ -26,19 +26,38 @@ models (or ``--models``), whether any of the obvious levers moves that floor:
   (selection by the consumer's output, derivation section 3), which this
   script measured first as a prototype.
 
+Three more variants are applied to the product as shipped (``s5``), not
+to ``base``:
+
+* ``s5-elimination`` -- Eq. S5 by backward elimination only
+  (``select_by_output(..., exact=False)``): the product before the exact
+  search of small pairs was built in;
+
+* ``relu-refit``  -- Eq. C7 fitted to what the next layer reads: where the
+  consumer's output goes only through a BN and a ReLU, ``W`` minimises
+  ``sum (g (relu(s (W u + b - theta)) - relu(s (z - theta))))^2`` (``g`` the
+  BN's scale, ``theta`` its zero point, ``s = sign g``) instead of
+  ``sum (W u + b - z)^2``, by ``RELU_ITERS`` majorise-minimise steps (rows
+  where the original is inactive get the target ``min(W u + b, theta)``),
+  starting at Eq. C7's least squares and keeping the best iterate;
+* ``swap``        -- Eq. S5 (exact where it is small, elimination elsewhere)
+  followed by a 1-swap local search on the same objective ``E(K)``: the best
+  exchange of a kept and a pruned channel is made while it lowers ``E``.
+
 Top-1 on the same test split as ``benchmarks/oracle.py``; the calibration
 images are ``oracle.calibration_images``.  Prints one line per cell and, with
 ``--json``, writes the rows.
 
 Usage::
 
-    python benchmarks/calib_floor.py                       # 3 models x 7 variants, about 3 min on 2 idle cores
+    python benchmarks/calib_floor.py                       # 3 models x 10 variants, about 4 min on 2 idle cores
     python benchmarks/calib_floor.py --models vgg_digits --variants base,ridge-1e-2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -63,7 +82,12 @@ from udfc_ref.rewrite import shift_output  # noqa: E402
 import oracle  # noqa: E402
 
 MODELS = ("keras_mnist", "vgg_digits", "mobilenetv3_mnist")
-VARIANTS = ("base", "ridge-1e-2", "ridge-1e-1", "images-4000", "skip-first", "refit-all", "s5")
+VARIANTS = ("base", "ridge-1e-2", "ridge-1e-1", "images-4000", "skip-first", "refit-all", "s5", "s5-elimination",
+            "relu-refit", "swap")
+#: the variants applied to the product as shipped (Eq. S5), not to ``base``
+ON_S5 = ("s5", "s5-elimination", "relu-refit", "swap")
+#: majorise-minimise steps of the relu-refit prototype
+RELU_ITERS = 8
 BITS, N_CALIB = 6, 2000
 RATIO = 0.5  # --ratio
 #: rows (images x output positions) the prototypes' least squares use at most, as calibrate.REFIT_ROWS
@@ -117,6 +141,111 @@ def refit_all(orig, small, xc: np.ndarray) -> list[str]:
     return out
 
 
+def _bn_relu_after(model, node):
+    """``(g, theta)`` (O,) when ``node``'s output is read only by a BN then a
+    ReLU (or by a ReLU: g = 1, theta = 0): the next layer reads
+    ``relu(g (z - theta))``; None otherwise."""
+    users = model.consumers(node.output)
+    o = int(model.shapes[node.output][0])
+    g, theta = np.ones(o), np.zeros(o)
+    if len(users) == 1 and users[0].op == "batch_norm":
+        bn = users[0]
+        t = {r: model.tensors[bn.params[r]].astype(np.float64) for r in ("weight", "bias", "running_mean", "running_var")}
+        g = t["weight"] / np.sqrt(t["running_var"] + bn.attrs["eps"])
+        theta = t["running_mean"] - t["bias"] / np.where(g == 0, 1.0, g)
+        users = model.consumers(bn.output)
+    if len(users) != 1 or users[0].op != "relu":
+        return None
+    return g, theta
+
+
+def _consumer_rows(cs, node, kernel):
+    """The rows (u, z) Eq. C7 accumulates, held in memory (the prototype's shortcut)."""
+    us, zs = [], []
+    real_add = calibrate.Moments.add
+
+    def grab(self, z, u):
+        zs.append(np.asarray(z, np.float64))
+        us.append(np.asarray(u, np.float64))
+        real_add(self, z, u)
+
+    calibrate.Moments.add = grab
+    try:
+        cs._consumer_moments(node, kernel, cs.cnet)
+    finally:
+        calibrate.Moments.add = real_add
+    return np.concatenate(us), np.concatenate(zs)
+
+
+def _relu_refit(shipped):
+    """The ``relu-refit`` prototype around the shipped ``CalibratedStats.refit``."""
+    from udfc_ref.solve import _solve_psd
+
+    def refit(self, start, node, kernel):
+        fit = shipped(self, start, node, kernel)
+        act = None if fit is None else _bn_relu_after(self.orig, node)
+        if act is None:
+            return fit
+        g, theta = act
+        s = np.where(g < 0, -1.0, 1.0)
+        u, z = _consumer_rows(self, node, kernel)
+        mu = u.mean(0)
+        uc = u - mu
+        cu = uc.T @ uc / len(u)
+        A = cu + calibrate.REFIT_RIDGE * np.diag(np.diag(cu))
+        active = s * (z - theta) > 0
+        target = np.maximum(s * (z - theta), 0)
+
+        def loss(W, b):
+            return float(np.sum((g * (np.maximum(s * (u @ W.T + b - theta), 0) - target)) ** 2))
+
+        W, b = fit
+        best = (loss(W, b), W, b)
+        for _ in range(RELU_ITERS):
+            zh = u @ W.T + b
+            t = np.where(active, z, np.where(s * (zh - theta) <= 0, zh, theta))
+            mt = t.mean(0)
+            W = _solve_psd(A, uc.T @ (t - mt) / len(u)).T
+            b = mt - W @ mu
+            cur = loss(W, b)
+            if cur < best[0]:
+                best = (cur, W, b)
+        return best[1], best[2]
+
+    return refit
+
+
+def _with_swaps(shipped):
+    """The ``swap`` prototype: Eq. S5's elimination, then best-improvement 1-swaps on ``E(K)``."""
+
+    def select(cov_u, cov_uz, n, n_keep, ridge, gamma=None, scores=None):
+        kept = list(shipped(cov_u, cov_uz, n, n_keep, ridge, gamma=gamma, scores=scores))
+        r = cov_u.shape[0] // n
+        A = cov_u + ridge * np.diag(np.diag(cov_u))
+
+        def E(K):
+            cols = (np.asarray(K)[:, None] * r + np.arange(r)).ravel()
+            return -np.trace(cov_uz[cols].T @ np.linalg.solve(A[np.ix_(cols, cols)], cov_uz[cols]))
+
+        dead = np.zeros(n, bool) if gamma is None else np.abs(np.asarray(gamma)) <= 1e-12
+        e = E(kept)
+        for _ in range(n_keep):
+            best = (e - 1e-12 * abs(e), None)
+            for i in range(len(kept)):
+                for j in np.flatnonzero(~dead):
+                    if j not in kept:
+                        K = kept[:i] + [int(j)] + kept[i + 1:]
+                        ek = E(K)
+                        if ek < best[0]:
+                            best = (ek, K)
+            if best[1] is None:
+                break
+            e, kept = best
+        return np.sort(np.asarray(kept, dtype=np.int64))
+
+    return select
+
+
 def run_variant(name: str, variant: str, ratio: float = RATIO) -> dict:
     model = udfc_ref.load(os.path.join(HERE, "models", f"{name}.safetensors"))
     x, y = load_npz(os.path.join(HERE, "models", f"{oracle.data_of(name)}_test.npz"))
@@ -130,19 +259,27 @@ def run_variant(name: str, variant: str, ratio: float = RATIO) -> dict:
     kw = dict(prune_ratio=ratio, weight_bits=BITS, criterion="cov", calibration=xc, calibration_mode="sequential")
     if variant == "skip-first":
         kw["skip"] = [next(n.name for n in model.nodes if _fittable(n))]
-    saved = calibrate.REFIT_RIDGE, calibrate.CalibratedStats.select_by_output
+    saved = (calibrate.REFIT_RIDGE, calibrate.CalibratedStats.select_by_output, calibrate.CalibratedStats.refit,
+             calibrate.select_by_output)
     try:
         if variant.startswith("ridge-"):
             calibrate.REFIT_RIDGE = float(variant[len("ridge-"):])
-        if variant != "s5":  # Eq. S4 for every pair, as before Eq. S5
+        if variant not in ON_S5:  # Eq. S4 for every pair, as before Eq. S5
             calibrate.CalibratedStats.select_by_output = lambda self, *a, **k: None
+        if variant == "relu-refit":
+            calibrate.CalibratedStats.refit = _relu_refit(saved[2])
+        if variant == "swap":
+            calibrate.select_by_output = _with_swaps(saved[3])
+        if variant == "s5-elimination":
+            calibrate.select_by_output = functools.partial(saved[3], exact=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small, _ = udfc_ref.compress(model, **kw)
         if variant == "refit-all":
             row["refitted"] = refit_all(model, small, xc)
     finally:
-        calibrate.REFIT_RIDGE, calibrate.CalibratedStats.select_by_output = saved
+        (calibrate.REFIT_RIDGE, calibrate.CalibratedStats.select_by_output, calibrate.CalibratedStats.refit,
+         calibrate.select_by_output) = saved
     row["selection"] = sorted({v["selection"] for v in small.record["layers"].values()
                                if isinstance(v, dict) and "selection" in v})
     row["top1"] = top1(small, x, y)

@@ -172,6 +172,19 @@ def ridge_residual(u, z, cols, ridge):
     return float(((az - au @ sol) ** 2).sum() / s)
 
 
+def best_subset(u, z, n, n_keep, ridge, alive=None):
+    """Eq. S5's exact minimiser replayed with :func:`ridge_residual`: every
+    set of ``n_keep`` of the ``alive`` channels (default all ``n``) refitted
+    from scratch; the first of the smallest residual in lexicographic order."""
+    import itertools
+
+    r = u.shape[1] // n
+    alive = range(n) if alive is None else alive
+    sets = list(itertools.combinations(sorted(alive), n_keep))
+    res = [ridge_residual(u, z, [c for i in k for c in range(i * r, (i + 1) * r)], ridge) for k in sets]
+    return list(sets[int(np.argmin(res))])
+
+
 def backward_elimination(u, z, n, n_keep, ridge, alive=None):
     """Eq. S5's selection replayed with :func:`ridge_residual`: from the
     ``alive`` channels (default all ``n``; channel i owns the contiguous

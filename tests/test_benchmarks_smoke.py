@@ -147,18 +147,56 @@ def test_oracle_smoke(tmp_path):
 
 def test_calib_floor_runs_its_levers_on_the_s4_baseline():
     """benchmarks/calib_floor.py: every lever runs on the Eq. S4 selection,
-    only the ``s5`` row on the product's Eq. S5; the ridge lever reaches the
+    the ``s5`` rows on the product's Eq. S5; the ridge lever reaches the
     refit and is restored afterwards; refit-all finds nothing left to refit
-    on vgg_digits (every conv there is a pair's consumer)."""
+    on vgg_digits (every conv there is a pair's consumer); the prototypes
+    on top of S5 change the result (vgg_digits at 70 %: the exact search and
+    the elimination keep different first-conv channels) and leave the
+    library as it was."""
     pytest.importorskip("sklearn")
     import udfc_ref.calibrate as cal
 
     mod = _script("calib_floor")
-    shipped = cal.CalibratedStats.select_by_output
+    shipped = cal.CalibratedStats.select_by_output, cal.CalibratedStats.refit, cal.select_by_output
     rows = {v: mod.run_variant("vgg_digits", v) for v in ("base", "s5", "ridge-1e-1", "refit-all")}
     assert rows["base"]["selection"] == ["covariance (Eq. S4)"]
     assert rows["s5"]["selection"] == ["output (Eq. S5)"]
     assert rows["ridge-1e-1"]["selection"] == ["covariance (Eq. S4)"] and cal.REFIT_RIDGE == 1e-3
     assert rows["ridge-1e-1"]["top1"] != rows["base"]["top1"]
     assert rows["refit-all"]["refitted"] == [] and rows["refit-all"]["top1"] == rows["base"]["top1"]
-    assert cal.CalibratedStats.select_by_output is shipped and all(0 < r["top1"] <= 1 for r in rows.values())
+    at70 = {v: mod.run_variant("vgg_digits", v, 0.7) for v in ("s5", "s5-elimination", "relu-refit", "swap")}
+    assert all(r["selection"] == ["output (Eq. S5)"] for r in at70.values())
+    assert at70["s5-elimination"]["top1"] != at70["s5"]["top1"]
+    assert at70["relu-refit"]["top1"] != at70["s5"]["top1"]
+    assert (cal.CalibratedStats.select_by_output, cal.CalibratedStats.refit, cal.select_by_output) == shipped
+    assert all(0 < r["top1"] <= 1 for r in list(rows.values()) + list(at70.values()))
+
+
+def test_capacity_smoke(tmp_path):
+    """benchmarks/capacity.py: the 50 %-pruned architecture is the one
+    ``compress`` leaves (the calibrated product loads into it and scores in
+    torch what udfc_ref's forward scores), a model of another shape is
+    refused by name, the half-width network's initial weights depend only on
+    the seed, and --smoke writes one row per run."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from udfc_ref.evaluate import top1
+
+    mod = _script("capacity")
+    rows_path = tmp_path / "capacity.json"
+    assert mod.main(["--smoke", "--json", str(rows_path)]) == 0
+    rows = json.loads(rows_path.read_text())
+    assert [r["kind"] for r in rows] == ["product", "full", "half", "finetune", "finetune"]
+    assert rows[1]["params"] > 3 * rows[2]["params"]
+    small, n_calib = mod.compressed("vgg_digits")
+    assert n_calib == 1437
+    xte, yte = mod.train.load_data("digits", n_limit=200)[2:]
+    assert abs(rows[0]["top1"] - top1(small, xte, yte)) <= 1 / 200
+    full = mod.NETS()["vgg_digits"][0]()
+    with pytest.raises(ValueError, match="features.0.weight"):
+        mod.load_weights(mod.half_architecture("vgg_digits"), {k: v.numpy() for k, v in full.state_dict().items()})
+    torch.manual_seed(0)
+    a = mod.half_architecture("vgg_digits")
+    torch.manual_seed(0)
+    b = type(a)((8, 8, "M", 16, 16, "M"), 8)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

@@ -93,20 +93,21 @@ def _moments(u, z):
 
 
 def test_output_selection_is_the_backward_elimination_of_the_ridge_least_squares():
-    """Eq. S5 against its written-out objective (tests/mathref.py: np.linalg.lstsq
-    on ridge-augmented rows, each candidate refitted from scratch): the same
-    channels are kept at every count, for ridges of 0, 1e-3 and 0.3 (a large
-    ridge changes the choice); the two channels dropped at 4 of 6 are one of
-    each near-copy pair."""
+    """Eq. S5's elimination (``exact=False``, and what runs when the exact
+    search is too large) against its written-out objective (tests/mathref.py:
+    np.linalg.lstsq on ridge-augmented rows, each candidate refitted from
+    scratch): the same channels are kept at every count, for ridges of 0,
+    1e-3 and 0.3 (a large ridge changes the choice); the two channels dropped
+    at 4 of 6 are one of each near-copy pair."""
     from mathref import backward_elimination
 
     u, z = _s5_problem(3)
     cuu, cuz = _moments(u, z)
     for ridge in (0.0, 1e-3):
         for n_keep in (5, 4, 3, 1):
-            got = select_by_output(cuu, cuz, 6, n_keep, ridge)
+            got = select_by_output(cuu, cuz, 6, n_keep, ridge, exact=False)
             assert list(got) == backward_elimination(u, z, 6, n_keep, ridge), (ridge, n_keep)
-    kept = set(select_by_output(cuu, cuz, 6, 4, 1e-3))  # one of each near-copy pair goes
+    kept = set(select_by_output(cuu, cuz, 6, 4, 1e-3, exact=False))  # one of each near-copy pair goes
     assert {2, 5} <= kept and len(kept & {0, 3}) == 1 and len(kept & {1, 4}) == 1
     # many steps on correlated channels: every downdate of P and B is used by a later step
     rng = np.random.default_rng(8)
@@ -118,7 +119,7 @@ def test_output_selection_is_the_backward_elimination_of_the_ridge_least_squares
     chosen = {}
     for ridge in (0.0, 0.3):
         for n_keep in (9, 5, 2):
-            got = list(select_by_output(cuu, cuz, n, n_keep, ridge))
+            got = list(select_by_output(cuu, cuz, n, n_keep, ridge, exact=False))
             assert got == backward_elimination(u, z, n, n_keep, ridge), (ridge, n_keep)
             chosen[ridge, n_keep] = got
     assert any(chosen[0.0, k] != chosen[0.3, k] for k in (9, 5, 2))
@@ -129,28 +130,31 @@ def test_output_selection_ignores_padding_columns_and_prunes_dead_channels_first
     neither breaks the solve nor changes the choice -- also when it belongs
     to a channel that goes; a dead channel (|gamma| <= 1e-12, the bound
     included) is pruned before any live one, and fills the set by its S1
-    score (by index without scores) only when too few channels are alive."""
-    from mathref import backward_elimination
+    score (by index without scores) only when too few channels are alive.
+    Both searches: the elimination against tests/mathref.py's replay of it,
+    the exact one against its brute force."""
+    from mathref import backward_elimination, best_subset
 
     from udfc_ref.select import DEAD_GAMMA
 
     u, z = _s5_problem(4)
     first_out = (set(range(6)) - set(backward_elimination(u, z, 6, 5, 1e-3))).pop()
-    for ch in (2, first_out):  # a padding column in a kept channel, and in the first channel to go
-        up = u.copy()
-        up[:, ch * 4 + 1] = 0.0
-        cuu, cuz = _moments(up, z)
-        got = select_by_output(cuu, cuz, 6, 3, 1e-3)
-        assert list(got) == backward_elimination(up, z, 6, 3, 1e-3), ch
-    cuu, cuz = _moments(u, z)
-    gamma = np.ones(6)
-    gamma[2], gamma[5] = 0.0, DEAD_GAMMA
-    got = select_by_output(cuu, cuz, 6, 3, 1e-3, gamma=gamma)
-    assert list(got) == backward_elimination(u, z, 6, 3, 1e-3, alive=[0, 1, 3, 4])
-    scores = np.array([1.0, 1, 1, 1, 1, 2])  # the dead channel 5 scores above the dead channel 2
-    gamma[[0, 1, 3]] = 0.0
-    assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma, scores=scores)) == [4, 5]
-    assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma)) == [0, 4]  # no scores: the lower index
+    for exact, ref in ((False, backward_elimination), (True, best_subset)):
+        for ch in (2, first_out):  # a padding column in a kept channel, and in the first channel to go
+            up = u.copy()
+            up[:, ch * 4 + 1] = 0.0
+            cuu, cuz = _moments(up, z)
+            got = select_by_output(cuu, cuz, 6, 3, 1e-3, exact=exact)
+            assert list(got) == ref(up, z, 6, 3, 1e-3), (exact, ch)
+        cuu, cuz = _moments(u, z)
+        gamma = np.ones(6)
+        gamma[2], gamma[5] = 0.0, DEAD_GAMMA
+        got = select_by_output(cuu, cuz, 6, 3, 1e-3, gamma=gamma, exact=exact)
+        assert list(got) == ref(u, z, 6, 3, 1e-3, alive=[0, 1, 3, 4]), exact
+        scores = np.array([1.0, 1, 1, 1, 1, 2])  # the dead channel 5 scores above the dead channel 2
+        gamma[[0, 1, 3]] = 0.0
+        assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma, scores=scores, exact=exact)) == [4, 5]
+        assert list(select_by_output(cuu, cuz, 6, 2, 1e-3, gamma=gamma, exact=exact)) == [0, 4]  # by index
 
 
 def test_output_selection_rejects_columns_that_are_not_channel_blocks():
@@ -164,10 +168,60 @@ def test_output_selection_rejects_columns_that_are_not_channel_blocks():
 def test_output_selection_drops_an_exact_duplicate_first_without_ridge():
     """Exactly collinear blocks (channel 4 a copy of channel 1) and ridge 0:
     Cov(u) is singular, the selection still runs and the first channel it
-    drops is one of the two copies (the other carries all they share)."""
+    drops is one of the two copies (the other carries all they share); the
+    exact search (singular A_KK for every set holding both) keeps one too."""
     u, z = _s5_problem(6)
     u[:, 16:20] = u[:, 4:8]
     cuu, cuz = _moments(u, z)
     assert np.linalg.matrix_rank(cuu) < cuu.shape[0]
-    kept = set(select_by_output(cuu, cuz, 6, 5, 0.0))
-    assert len(kept) == 5 and len(kept & {1, 4}) == 1
+    for exact in (False, True):
+        kept = set(select_by_output(cuu, cuz, 6, 5, 0.0, exact=exact))
+        assert len(kept) == 5 and len(kept & {1, 4}) == 1, exact
+
+
+def test_output_selection_is_the_exact_minimiser_when_small():
+    """Eq. S5 searched exactly: the kept set equals the brute force of
+    tests/mathref.py (every set refitted by np.linalg.lstsq on ridge-augmented
+    rows) at every count and ridge, on problems where the elimination misses
+    it in some cases (so the test tells the two apart); at the limits
+    (``EXACT_SUBSETS``, ``EXACT_WORK``) it falls back to the elimination."""
+    from mathref import backward_elimination, best_subset
+
+    import udfc_ref.covselect as cs
+
+    differs = 0
+    for seed in (3, 8):
+        if seed == 3:
+            u, z = _s5_problem(3)
+            n = 6
+        else:
+            rng = np.random.default_rng(seed)
+            n, r = 9, 2
+            mix = rng.standard_normal((n * r, n * r)) * (rng.random((n * r, n * r)) < 0.3)
+            u = rng.standard_normal((300, n * r)) @ (np.eye(n * r) + mix)
+            z = u @ rng.standard_normal((n * r, 4)) * rng.uniform(0, 2, 4) + rng.standard_normal((300, 4))
+        cuu, cuz = _moments(u, z)
+        for ridge in (0.0, 1e-3, 0.3):
+            for n_keep in range(1, n):
+                got = list(select_by_output(cuu, cuz, n, n_keep, ridge))
+                assert got == best_subset(u, z, n, n_keep, ridge), (seed, ridge, n_keep)
+                differs += got != backward_elimination(u, z, n, n_keep, ridge)
+    assert differs >= 2
+    A, C = cs._regularised(cuu, cuz, 1e-3)  # the seed-8 problem, factored 5 sets at a time
+    assert list(cs._exact_subset(A, C, np.arange(9), 4, 2, chunk=5)) == best_subset(u, z, 9, 4, 1e-3)
+    u, z = _s5_problem(3)
+    cuu, cuz = _moments(u, z)
+    greedy = list(select_by_output(cuu, cuz, 6, 1, 0.0, exact=False))
+    assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) != greedy  # this case tells them apart
+    saved = cs.EXACT_SUBSETS, cs.EXACT_WORK
+    try:
+        cs.EXACT_SUBSETS = 5  # C(6, 1) = 6 sets: over the limit
+        assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) == greedy
+        cs.EXACT_SUBSETS = 6
+        assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) != greedy
+        cs.EXACT_WORK = 6 * 4 ** 3 - 1  # 6 sets of one 4-column block
+        assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) == greedy
+        cs.EXACT_WORK = 6 * 4 ** 3
+        assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) != greedy
+    finally:
+        cs.EXACT_SUBSETS, cs.EXACT_WORK = saved
