@@ -25,7 +25,7 @@ writes the rows.
 
 Usage::
 
-    python benchmarks/capacity.py                            # both models, 5 seeds: about 12 min on 2 cores
+    python benchmarks/capacity.py                            # both models, 5 seeds: about 12 min, one thread
     python benchmarks/capacity.py --models vgg_digits --seeds 0,1
     python benchmarks/capacity.py --smoke                    # vgg_digits, 1 epoch on 200 images
 """
