@@ -17,6 +17,11 @@ the measured one with calibration images): forward selection, one channel at
 a time, the one whose addition lowers the objective most -- a weighted
 pivoted Cholesky of ``Cov(a)``.  Each step is one rank-one update of the
 residual covariance (Schur complement), ``O(N^2)``; ``O(N^2 M)`` in all.
+
+S5 minimises the residual ``E(K)`` of the consumer's refit instead: over
+every kept set when there are few (:data:`EXACT_SUBSETS`,
+:data:`EXACT_WORK`: the 8- and 16-channel pairs), by backward elimination
+with partitioned-inverse downdates otherwise.
 """
 
 from __future__ import annotations
