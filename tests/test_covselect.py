@@ -213,8 +213,11 @@ def test_output_selection_is_the_exact_minimiser_when_small():
     cuu, cuz = _moments(u, z)
     greedy = list(select_by_output(cuu, cuz, 6, 1, 0.0, exact=False))
     assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) != greedy  # this case tells them apart
-    saved = cs.EXACT_SUBSETS, cs.EXACT_WORK
+    saved = cs.EXACT_SUBSETS, cs.EXACT_WORK, cs.EXACT_CHUNK
     try:
+        cs.EXACT_CHUNK = 16  # fewer entries than one 8 x 8 set: the sets are factored one at a time
+        assert list(select_by_output(cuu, cuz, 6, 2, 1e-3)) == best_subset(u, z, 6, 2, 1e-3)
+        cs.EXACT_CHUNK = saved[2]
         cs.EXACT_SUBSETS = 5  # C(6, 1) = 6 sets: over the limit
         assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) == greedy
         cs.EXACT_SUBSETS = 6
@@ -224,4 +227,4 @@ def test_output_selection_is_the_exact_minimiser_when_small():
         cs.EXACT_WORK = 6 * 4 ** 3
         assert list(select_by_output(cuu, cuz, 6, 1, 0.0)) != greedy
     finally:
-        cs.EXACT_SUBSETS, cs.EXACT_WORK = saved
+        cs.EXACT_SUBSETS, cs.EXACT_WORK, cs.EXACT_CHUNK = saved

@@ -98,6 +98,8 @@ EXACT_SUBSETS = 20_000
 #: ... and the subsets' Cholesky factors together take at most this much work, sum over subsets of (k R)^3
 #: (16 channels with a 3x3 kernel at 50 %: 12,870 subsets x 72^3 = 4.8e9, about 2.5 s on one core)
 EXACT_WORK = 5e9
+#: entries of the (sets, |K| R, |K| R) stack the exact search factors at a time (32 MiB of float64)
+EXACT_CHUNK = 4_000_000
 
 
 def select_by_output(cov_u: np.ndarray, cov_uz: np.ndarray, n_channels: int, n_keep: int, ridge: float,
@@ -199,12 +201,14 @@ def _exact_fits(n_alive: int, n_keep: int, R: int) -> bool:
 
 
 def _exact_subset(A: np.ndarray, C: np.ndarray, alive: np.ndarray, n_keep: int, R: int,
-                  chunk: int = 2048) -> np.ndarray:
+                  chunk: int | None = None) -> np.ndarray:
     """The kept set of ``n_keep`` channels of ``alive`` with the smallest
     ``E(K)`` (the largest ``tr(C_K^T A_KK^-1 C_K) = ||L_K^-1 C_K||_F^2``, ``L_K``
     the Cholesky factor of ``A_KK``), every set in lexicographic order, the
-    first of equal ones; ``chunk`` sets are factored at a time."""
+    first of equal ones; ``chunk`` sets are factored at a time (default: as
+    many as :data:`EXACT_CHUNK` matrix entries hold, so memory stays bounded)."""
     sets = np.array(list(itertools.combinations(alive.tolist(), n_keep)), dtype=np.int64).reshape(-1, n_keep)
+    chunk = chunk or max(1, EXACT_CHUNK // (n_keep * R) ** 2)
     scale = float(np.mean(np.diag(A))) or 1.0
     delta = 0.0
     while True:
