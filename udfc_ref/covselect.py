@@ -96,7 +96,7 @@ def select_by_covariance(cov: np.ndarray, weights: np.ndarray, ratio: float = 0.
 #: Eq. S5 searches every kept set exactly (instead of eliminating backwards) when there are at most this many ...
 EXACT_SUBSETS = 20_000
 #: ... and the subsets' Cholesky factors together take at most this much work, sum over subsets of (k R)^3
-#: (16 channels with a 3x3 kernel at 50 %: 12,870 subsets x 72^3 = 4.8e9, about 2.5 s on one core)
+#: (16 channels with a 3x3 kernel at 50 %: 12,870 subsets x 72^3 = 4.8e9, 1.7-2.5 s measured on one core)
 EXACT_WORK = 5e9
 #: entries of the (sets, |K| R, |K| R) stack the exact search factors at a time (32 MiB of float64)
 EXACT_CHUNK = 4_000_000
