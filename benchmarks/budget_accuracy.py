@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -45,7 +44,8 @@ import udfc_ref  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 
-from train import MODELS  # noqa: E402  (the benchmark models, one list)
+from rows import Rows  # noqa: E402
+from train import models_in  # noqa: E402
 VARIANTS = ("uniform", "budget_macs", "budget_bytes", "budget_macs_coupled", "budget_bytes_auto")
 BITS = 6
 
@@ -188,30 +188,18 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="evaluate on the first N test samples (default all)")
     ap.add_argument("--tables", action="store_true", help="only the tables and plots from the JSON")
     a = ap.parse_args(argv)
-    path = os.path.join(a.out, "budget_accuracy.json")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
-    done = {(r["model"], r["ratio"], r["variant"]): r for r in rows}
+    store = Rows(os.path.join(a.out, "budget_accuracy.json"), lambda r: (r["model"], r["ratio"], r["variant"]))
+    rows = store.rows
     if not a.tables:
-        models = [m.strip() for m in a.models.split(",")] if a.models else \
-            [m for m in MODELS if os.path.exists(os.path.join(a.model_dir, f"{m}.safetensors"))]
         ratios = [float(r) for r in a.ratios.split(",")]
-        os.makedirs(a.out, exist_ok=True)
-
-        def save_row(row):
-            rows.append(row)
-            done[(row["model"], row["ratio"], row["variant"])] = row
-            write_bytes_atomic(path, (json.dumps(rows, indent=1) + "\n").encode())
-
-        for name in models:
+        for name in models_in(a.model_dir, a.models):
             model = udfc_ref.load(os.path.join(a.model_dir, f"{name}.safetensors"))
             x, y = load_npz(os.path.join(a.model_dir, f"{'digits' if name.endswith('digits') else 'mnist'}_test.npz"))
             if a.n:
                 x, y = x[:a.n], y[:a.n]
             print(f"{name}: {len(ratios)} ratios, {len(y)} test samples", flush=True)
-            run_model(name, model, x, y, ratios, done, save_row)
+            run_model(name, model, x, y, ratios, store, store.add)
+    os.makedirs(a.out, exist_ok=True)
     md = tables(rows)
     write_bytes_atomic(os.path.join(a.out, "budget_accuracy.md"), md.encode())
     for m in dict.fromkeys(r["model"] for r in rows):

@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -43,7 +42,8 @@ from udfc_ref import budget  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 
-from train import MODELS  # noqa: E402
+from rows import Rows  # noqa: E402
+from train import models_in  # noqa: E402
 
 TAUS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 BITS = 6
@@ -152,25 +152,12 @@ def main(argv=None) -> int:
     ap.add_argument("--spreads", default="1,1.25,1.5,1.75,2")
     ap.add_argument("--tables", action="store_true", help="only the tables from the JSON")
     a = ap.parse_args(argv)
-    path = os.path.join(a.out, "budget_grid.json")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
-    done = {(r["model"], r["ratio"], r["spread"]): r for r in rows}
+    store = Rows(os.path.join(a.out, "budget_grid.json"), lambda r: (r["model"], r["ratio"], r["spread"]))
     if not a.tables:
-        models = [m.strip() for m in a.models.split(",")] if a.models else \
-            [m for m in MODELS if os.path.exists(os.path.join(a.model_dir, f"{m}.safetensors"))]
-        os.makedirs(a.out, exist_ok=True)
-
-        def save_row(row):
-            rows.append(row)
-            done[(row["model"], row["ratio"], row["spread"])] = row
-            write_bytes_atomic(path, (json.dumps(rows, indent=1) + "\n").encode())
-
-        run(models, [float(r) for r in a.ratios.split(",")], [float(s) for s in a.spreads.split(",")], a.model_dir,
-            done, save_row)
-    md = tables(rows)
+        run(models_in(a.model_dir, a.models), [float(r) for r in a.ratios.split(",")],
+            [float(s) for s in a.spreads.split(",")], a.model_dir, store, store.add)
+    os.makedirs(a.out, exist_ok=True)
+    md = tables(store.rows)
     write_bytes_atomic(os.path.join(a.out, "budget_grid.md"), md.encode())
     print(md)
     return 0

@@ -56,6 +56,7 @@ import udfc_ref  # noqa: E402
 from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 
+from rows import Rows  # noqa: E402
 from train import MODELS  # noqa: E402  (the benchmark models, one list)
 #: variant name -> compress options; "before" is the method before issue 12 (l1 selection, Eq. D4-D5)
 VARIANTS = {
@@ -118,36 +119,28 @@ def key(r) -> tuple:
 
 
 def run(models, ratios, bits, variants, n_calib, out, n_test=None, log=print) -> list[dict]:
-    path = os.path.join(out, "oracle.json")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
-    done = {key(r) for r in rows}
+    store = Rows(os.path.join(out, "oracle.json"), key)
     for name in models:
         model = udfc_ref.load(os.path.join(HERE, "models", f"{name}.safetensors"))
         x, y = load_npz(os.path.join(HERE, "models", f"{data_of(name)}_test.npz"))
         if n_test:
             x, y = x[:n_test], y[:n_test]
         xc = calibration_images(name, n_calib)
-        if (name, 0.0, None, "original") not in done:
-            rows.append({"model": name, "prune_ratio": 0.0, "weight_bits": None, "variant": "original",
+        if (name, 0.0, None, "original") not in store:
+            store.add({"model": name, "prune_ratio": 0.0, "weight_bits": None, "variant": "original",
                          "top1": top1(model, x, y), "n_test": int(len(y)), "n_calib": int(len(xc))})
         for r in ratios:
             for b in bits:
                 for v in variants:
-                    if (name, r, b, v) in done:
+                    if (name, r, b, v) in store:
                         continue
                     t0 = time.perf_counter()
                     res = run_cell(model, x, y, xc, r, b, v)
-                    rows.append({"model": name, "prune_ratio": r, "weight_bits": b, "variant": v, **res,
-                                 "n_test": int(len(y)), "n_calib": int(len(xc))})
-                    done.add((name, r, b, v))
+                    store.add({"model": name, "prune_ratio": r, "weight_bits": b, "variant": v, **res,
+                               "n_test": int(len(y)), "n_calib": int(len(xc))})
                     log(f"{name} {r:g} {b or 'float'} {v}: {100 * res['top1']:.1f} ({time.perf_counter() - t0:.1f} s)",
                         flush=True)
-                    os.makedirs(out, exist_ok=True)
-                    write_bytes_atomic(path, (json.dumps(rows, indent=1) + "\n").encode())
-    return rows
+    return store.rows
 
 
 def _get(ix, name, r, b, v):

@@ -54,7 +54,8 @@ from udfc_ref.atomic import write_bytes_atomic  # noqa: E402
 from udfc_ref.evaluate import load_npz, top1  # noqa: E402
 from udfc_ref.synthetic import bn_mismatch, synthesize  # noqa: E402
 
-from oracle import data_of  # noqa: E402
+from oracle import data_of, key  # noqa: E402
+from rows import Rows  # noqa: E402
 from train import MODELS  # noqa: E402
 
 VARIANTS = {
@@ -92,9 +93,7 @@ def images(name: str, model, out: str, threads: int, log=print) -> tuple[np.ndar
 
 
 def run(models, ratios, bits, variants, out, threads, log=print) -> list[dict]:
-    path = os.path.join(out, "synthetic.json")
-    rows = json.load(open(path)) if os.path.exists(path) else []
-    done = {(r["model"], r["prune_ratio"], r["weight_bits"], r["variant"]) for r in rows}
+    store = Rows(os.path.join(out, "synthetic.json"), key)
     for name in models:
         model = udfc_ref.load(os.path.join(HERE, "models", f"{name}.safetensors"))
         x, y = load_npz(os.path.join(HERE, "models", f"{data_of(name)}_test.npz"))
@@ -102,7 +101,7 @@ def run(models, ratios, bits, variants, out, threads, log=print) -> list[dict]:
         for r in ratios:
             for b in bits:
                 for v in variants:
-                    if (name, r, b, v) in done:
+                    if (name, r, b, v) in store:
                         continue
                     kw = dict(VARIANTS[v])
                     if "calibration_mode" in kw:
@@ -111,14 +110,12 @@ def run(models, ratios, bits, variants, out, threads, log=print) -> list[dict]:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         small, rep = udfc_ref.compress(model, prune_ratio=r, weight_bits=b, **kw)
-                    rows.append({"model": name, "prune_ratio": r, "weight_bits": b, "variant": v,
-                                 "top1": top1(small, x, y), "seconds": rep.seconds, "n_test": int(len(y)),
-                                 "n_synthetic": int(len(xs)), "synthesis_seconds": meta["seconds"]})
-                    done.add((name, r, b, v))
-                    log(f"{name} {r:g} {b or 'float'} {v}: {100 * rows[-1]['top1']:.1f} "
+                    store.add({"model": name, "prune_ratio": r, "weight_bits": b, "variant": v,
+                               "top1": top1(small, x, y), "seconds": rep.seconds, "n_test": int(len(y)),
+                               "n_synthetic": int(len(xs)), "synthesis_seconds": meta["seconds"]})
+                    log(f"{name} {r:g} {b or 'float'} {v}: {100 * store.rows[-1]['top1']:.1f} "
                         f"({time.perf_counter() - t0:.1f} s)", flush=True)
-                    write_bytes_atomic(path, (json.dumps(rows, indent=1) + "\n").encode())
-    return rows
+    return store.rows
 
 
 def _ix(rows):

@@ -75,6 +75,14 @@ SHIFT = 2  # augmentation: random shifts of up to +-SHIFT pixels
 
 # ----------------------------------------------------------------- data
 
+def models_in(model_dir: str, names: str | None = None) -> list[str]:
+    """The models ``names`` (comma-separated), or by default every benchmark
+    model (``MODELS``, in that order) that has a file in ``model_dir``."""
+    if names:
+        return [m.strip() for m in names.split(",")]
+    return [m for m in MODELS if os.path.exists(os.path.join(model_dir, f"{m}.safetensors"))]
+
+
 def load_data(name: str, seed: int = SEED, n_limit: int | None = None):
     """Return ``(x_train, y_train, x_test, y_test)``: x float32 (N, 1, H, W)
     normalised with the training mean/std, y int64 (N,).

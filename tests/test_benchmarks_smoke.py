@@ -200,3 +200,21 @@ def test_capacity_smoke(tmp_path):
     torch.manual_seed(0)
     b = type(a)((8, 8, "M", 16, 16, "M"), 8)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_rows_resume_and_rewrite_the_whole_file(tmp_path):
+    """benchmarks/rows.py: a new file starts empty (its folder made on the
+    first row), every added row is in the file at once, and a second
+    ``Rows`` on the same file resumes with the cells already there."""
+    mod = _script("rows")
+    path = tmp_path / "sub" / "r.json"
+    key = lambda r: (r["model"], r["ratio"])  # noqa: E731
+    rows = mod.Rows(str(path), key)
+    assert rows.rows == [] and ("a", 0.5) not in rows and not path.exists()
+    rows.add({"model": "a", "ratio": 0.5, "top1": 0.9})
+    rows.add({"model": "b", "ratio": 0.3, "top1": 0.8})
+    assert json.loads(path.read_text()) == rows.rows and len(rows.rows) == 2
+    again = mod.Rows(str(path), key)
+    assert ("a", 0.5) in again and ("b", 0.3) in again and ("a", 0.3) not in again
+    assert again[("b", 0.3)]["top1"] == 0.8
+    assert sorted(os.listdir(path.parent)) == ["r.json"]  # no temporary file left
